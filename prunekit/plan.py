@@ -1,0 +1,167 @@
+"""Channel plans: which units of each channel group stay. Pure data, stored as JSON.
+
+A plan is tied to the graph it was made for by group names and unit counts; applying it to another
+model is an error, not a silent mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import ConfigError
+from prunekit.graph import ChannelGraph, ChannelGroup
+
+PLAN_FORMAT = "prunekit-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """`keep[g]`: sorted local unit indices kept in group g (same order as `graph.groups`)."""
+
+    group_names: tuple[str, ...]
+    group_units: tuple[int, ...]
+    keep: tuple[tuple[int, ...], ...]
+
+    def unit_mask(self, graph: ChannelGraph) -> list[bool]:
+        """Global per-unit keep flags for `graph` (validated)."""
+        self.check_fits(graph)
+        mask = [False] * graph.num_units
+        for group, kept in zip(graph.groups, self.keep, strict=True):
+            for k in kept:
+                mask[group.offset + k] = True
+        return mask
+
+    def check_fits(self, graph: ChannelGraph) -> None:
+        names = tuple(g.name for g in graph.groups)
+        units = tuple(g.units for g in graph.groups)
+        if names != self.group_names or units != self.group_units:
+            raise ConfigError(
+                f"the plan does not fit this model: it has {len(self.group_names)} channel groups, "
+                f"the model {len(names)} (or their names/sizes differ)"
+            )
+
+    def kept_units(self) -> int:
+        return sum(len(k) for k in self.keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "groups": [
+                {"name": n, "units": u, "keep": list(k)}
+                for n, u, k in zip(self.group_names, self.group_units, self.keep, strict=True)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ChannelPlan:
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise ConfigError(f"not a prunekit channel plan (expected format {PLAN_FORMAT!r})")
+        if data.get("version") != PLAN_VERSION:
+            raise ConfigError(f"unsupported plan version {data.get('version')!r}")
+        try:
+            groups = data["groups"]
+            names = tuple(str(g["name"]) for g in groups)
+            units = tuple(int(g["units"]) for g in groups)
+            keep = tuple(tuple(sorted({int(k) for k in g["keep"]})) for g in groups)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed channel plan: {exc}") from exc
+        for name, n, kept in zip(names, units, keep, strict=True):
+            if not kept:
+                raise ConfigError(f"plan keeps no channel of group {name}")
+            if kept[0] < 0 or kept[-1] >= n:
+                raise ConfigError(f"plan keeps unit {kept[-1]} of group {name}, which has {n}")
+        return cls(names, units, keep)
+
+    def save(self, path: Path) -> None:
+        from prunekit.fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ChannelPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"plan file not found: {path}") from exc
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read plan {path}: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def full_plan(graph: ChannelGraph) -> ChannelPlan:
+    return _plan(graph, [tuple(range(g.units)) for g in graph.groups])
+
+
+def _plan(graph: ChannelGraph, keep: Sequence[Sequence[int]]) -> ChannelPlan:
+    return ChannelPlan(
+        tuple(g.name for g in graph.groups),
+        tuple(g.units for g in graph.groups),
+        tuple(tuple(sorted(k)) for k in keep),
+    )
+
+
+def round_units(group: ChannelGroup, wanted: int, *, round_to: int = 8, min_channels: int = 8) -> int:
+    """Units to keep: `wanted` rounded to the nearest multiple of `round_to` channels where the group is
+    large enough, at least `min_channels` channels (or the whole group if smaller), at least one unit."""
+    width = group.unit_width
+    step = max(1, math.ceil(round_to / width)) if group.units * width >= 2 * round_to else 1
+    floor_units = min(group.units, max(1, math.ceil(min_channels / width)))
+    n = max(wanted, floor_units)
+    n = int(round(n / step)) * step if step > 1 else n
+    n = max(n, step if step <= group.units else group.units, floor_units)
+    return min(n, group.units)
+
+
+def plan_from_scores(
+    graph: ChannelGraph,
+    scores: Sequence[float],
+    counts: Sequence[int],
+    *,
+    round_to: int = 8,
+    min_channels: int = 8,
+) -> ChannelPlan:
+    """Keep, in each group, its `counts[g]` (after rounding) highest-scoring units."""
+    if len(scores) != graph.num_units:
+        raise ConfigError(f"{len(scores)} scores for {graph.num_units} units")
+    keep = []
+    for group, wanted in zip(graph.groups, counts, strict=True):
+        n = round_units(group, wanted, round_to=round_to, min_channels=min_channels)
+        local = sorted(range(group.units), key=lambda k: (-scores[group.offset + k], k))
+        keep.append(local[:n])
+    return _plan(graph, keep)
+
+
+def fraction_plan(
+    graph: ChannelGraph,
+    fraction: float,
+    scores: Sequence[float] | None = None,
+    *,
+    round_to: int = 8,
+    min_channels: int = 8,
+) -> ChannelPlan:
+    """Keep about `fraction` of every group, the highest-scoring units first (default: the first ones)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"keep fraction must be in (0, 1], got {fraction}")
+    scores = scores if scores is not None else [-float(u) for u in range(graph.num_units)]
+    counts = [max(1, round(g.units * fraction)) for g in graph.groups]
+    return plan_from_scores(graph, scores, counts, round_to=round_to, min_channels=min_channels)
+
+
+def random_plan(
+    graph: ChannelGraph, fraction: float, seed: int = 0, *, round_to: int = 8, min_channels: int = 8
+) -> ChannelPlan:
+    """Keep about `fraction` of every group, chosen at random (tests and baselines)."""
+    rng = random.Random(seed)
+    scores = [rng.random() for _ in range(graph.num_units)]
+    return fraction_plan(graph, fraction, scores, round_to=round_to, min_channels=min_channels)
+
+
+__all__ = ["ChannelPlan", "fraction_plan", "full_plan", "plan_from_scores", "random_plan", "round_units"]

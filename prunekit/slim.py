@@ -1,0 +1,224 @@
+"""Physical channel removal, the masked reference it must equal, and the check between the two.
+
+`slim_` builds smaller Conv/BN/Linear modules from the kept weights and sets them on the original
+module tree, so module names and state_dict keys stay familiar. One table maps a slice kind to the
+function that builds the smaller module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunekit.errors import VerificationError
+from prunekit.graph import ChannelGraph, MaskPoint, ModuleSlice
+from prunekit.plan import ChannelPlan
+
+
+def _kept_positions(units: Sequence[int], keep: Sequence[bool]) -> list[int]:
+    return [i for i, u in enumerate(units) if u < 0 or keep[u]]
+
+
+def _index(t: torch.Tensor | None, dim: int, idx: list[int]) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t.index_select(dim, torch.tensor(idx, dtype=torch.long, device=t.device)).clone()
+
+
+def _slim_conv(m: nn.Conv2d, s: ModuleSlice, keep: Sequence[bool]) -> nn.Module:
+    k_in, k_out = _kept_positions(s.in_units, keep), _kept_positions(s.out_units, keep)
+    new = _like_conv(m, len(k_in), len(k_out), groups=1)
+    with torch.no_grad():
+        new.weight.copy_(_index(_index(m.weight, 0, k_out), 1, k_in))
+        if m.bias is not None:
+            new.bias.copy_(_index(m.bias, 0, k_out))
+    return new
+
+
+def _slim_conv_blockwise(m: nn.Conv2d, s: ModuleSlice, keep: Sequence[bool]) -> nn.Module:
+    cin, cout = m.in_channels // m.groups, m.out_channels // m.groups
+    blocks = [b for b in range(m.groups) if s.out_units[b * cout] < 0 or keep[s.out_units[b * cout]]]
+    k_out = [b * cout + j for b in blocks for j in range(cout)]
+    new = _like_conv(m, len(blocks) * cin, len(blocks) * cout, groups=len(blocks))
+    with torch.no_grad():
+        new.weight.copy_(_index(m.weight, 0, k_out))
+        if m.bias is not None:
+            new.bias.copy_(_index(m.bias, 0, k_out))
+    return new
+
+
+def _like_conv(m: nn.Conv2d, cin: int, cout: int, groups: int) -> nn.Conv2d:
+    return nn.Conv2d(
+        cin,
+        cout,
+        m.kernel_size,
+        stride=m.stride,
+        padding=m.padding,
+        dilation=m.dilation,
+        groups=groups,
+        bias=m.bias is not None,
+        padding_mode=m.padding_mode,
+        device=m.weight.device,
+        dtype=m.weight.dtype,
+    )
+
+
+def _slim_linear(m: nn.Linear, s: ModuleSlice, keep: Sequence[bool]) -> nn.Module:
+    k_in, k_out = _kept_positions(s.in_units, keep), _kept_positions(s.out_units, keep)
+    new = nn.Linear(len(k_in), len(k_out), bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(_index(_index(m.weight, 0, k_out), 1, k_in))
+        if m.bias is not None:
+            new.bias.copy_(_index(m.bias, 0, k_out))
+    return new
+
+
+def _slim_batchnorm(m: nn.modules.batchnorm._BatchNorm, s: ModuleSlice, keep: Sequence[bool]) -> nn.Module:
+    k = _kept_positions(s.in_units, keep)
+    new = type(m)(
+        len(k),
+        eps=m.eps,
+        momentum=m.momentum,
+        affine=m.affine,
+        track_running_stats=m.track_running_stats,
+        device=(m.weight if m.affine else m.running_mean).device,
+    )
+    with torch.no_grad():
+        if m.affine:
+            new.weight.copy_(_index(m.weight, 0, k))
+            new.bias.copy_(_index(m.bias, 0, k))
+        if m.track_running_stats:
+            new.running_mean.copy_(_index(m.running_mean, 0, k))
+            new.running_var.copy_(_index(m.running_var, 0, k))
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+    new.train(m.training)
+    return new
+
+
+SLICERS: dict[str, Callable[[nn.Module, ModuleSlice, Sequence[bool]], nn.Module]] = {
+    "conv": _slim_conv,
+    "conv_blockwise": _slim_conv_blockwise,
+    "linear": _slim_linear,
+    "batchnorm": _slim_batchnorm,
+}
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def slim_(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> nn.Module:
+    """Remove the channels `plan` drops, in place; returns `model` for chaining."""
+    keep = plan.unit_mask(graph)
+    for s in graph.module_slices:
+        if all(u < 0 or keep[u] for u in (*s.in_units, *s.out_units)):
+            continue
+        old = model.get_submodule(s.module)
+        new = SLICERS[s.kind](old, s, keep)
+        new.train(old.training)
+        _set_submodule(model, s.module, new)
+    for p in graph.param_slices:
+        parent_name, _, attr = p.target.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old_t = getattr(parent, attr)
+        new_t = _index(old_t.data, p.axis, _kept_positions(p.units, keep))
+        if isinstance(old_t, nn.Parameter):
+            setattr(parent, attr, nn.Parameter(new_t, requires_grad=old_t.requires_grad))
+        else:
+            parent.register_buffer(attr, new_t)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked reference
+# --------------------------------------------------------------------------------------------------
+
+
+def mask_hook(point: MaskPoint, unit_values: Callable[[], torch.Tensor]) -> Callable:
+    """A forward hook multiplying the module's output by the unit activity at each channel position.
+
+    `unit_values()` returns a (U,) or (N, U) tensor of unit activity (1 kept, 0 pruned)."""
+    idx = torch.tensor(point.units, dtype=torch.long)
+    prunable = idx >= 0
+    gather = idx.clamp(min=0)
+
+    def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+        values = unit_values()
+        g, p = gather.to(values.device), prunable.to(values.device)
+        if values.dim() == 1:
+            values = values.unsqueeze(0)
+        mask = torch.where(p, values[:, g], torch.ones((), dtype=values.dtype, device=values.device))
+        shape = [1] * out.dim()
+        shape[0] = mask.shape[0]
+        shape[point.axis] = mask.shape[1]
+        return out * mask.to(out.dtype).view(shape)
+
+    return hook
+
+
+@contextlib.contextmanager
+def masked(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> Iterator[nn.Module]:
+    """`model` with the plan applied as zero masks at every mask point, for the duration."""
+    values = torch.tensor(plan.unit_mask(graph), dtype=torch.float32)
+    handles = [
+        model.get_submodule(p.module).register_forward_hook(mask_hook(p, lambda: values))
+        for p in graph.mask_points
+    ]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_diff: float
+    max_abs_ref: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_abs_diff": self.max_abs_diff, "max_abs_ref": self.max_abs_ref, "tolerance": self.tolerance}
+
+
+def compare_outputs(reference: torch.Tensor, candidate: torch.Tensor, rtol: float = 1e-4) -> Parity:
+    ref = reference.detach().float()
+    diff = (ref - candidate.detach().float()).abs().max().item()
+    peak = ref.abs().max().item()
+    return Parity(diff, peak, rtol * max(peak, 1e-12))
+
+
+@torch.no_grad()
+def verify_slim(
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    slimmed: nn.Module,
+    inputs: torch.Tensor,
+    rtol: float = 1e-4,
+) -> Parity:
+    """Compare the slimmed model with the reference (the masked or gated model) on `inputs`, eval mode.
+    A mismatch raises VerificationError: a slimmed model that computes something else is never kept."""
+    was = slimmed.training
+    slimmed.eval()
+    try:
+        parity = compare_outputs(reference(inputs), slimmed(inputs), rtol)
+    finally:
+        slimmed.train(was)
+    if not parity.ok:
+        raise VerificationError(
+            f"slimmed model differs from the gated model: max |diff| {parity.max_abs_diff:.3g} "
+            f"> {parity.tolerance:.3g} (rtol {rtol} of max |output| {parity.max_abs_ref:.3g})"
+        )
+    return parity
+
+
+__all__ = ["Parity", "SLICERS", "compare_outputs", "mask_hook", "masked", "slim_", "verify_slim"]
