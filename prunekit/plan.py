@@ -12,10 +12,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prunekit.errors import ConfigError
 from prunekit.graph import ChannelGraph, ChannelGroup
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PLAN_FORMAT = "prunekit-plan"
 PLAN_VERSION = 1
@@ -164,4 +167,55 @@ def random_plan(
     return fraction_plan(graph, fraction, scores, round_to=round_to, min_channels=min_channels)
 
 
-__all__ = ["ChannelPlan", "fraction_plan", "full_plan", "plan_from_scores", "random_plan", "round_units"]
+def magnitude_scores(model: "nn.Module", graph: ChannelGraph) -> list[float]:
+    """Importance of every unit: mean |BatchNorm scale| over its BN positions where it has any, else the
+    mean L2 norm of the filters that produce it (the classic magnitude criteria)."""
+    import torch
+
+    bn_sum = [0.0] * graph.num_units
+    bn_n = [0] * graph.num_units
+    w_sum = [0.0] * graph.num_units
+    w_n = [0] * graph.num_units
+    with torch.no_grad():
+        for s in graph.module_slices:
+            m = model.get_submodule(s.module)
+            if s.kind == "batchnorm" and getattr(m, "weight", None) is not None:
+                values = m.weight.detach().abs().float().cpu().tolist()
+                for u, v in zip(s.in_units, values, strict=True):
+                    if u >= 0:
+                        bn_sum[u] += v
+                        bn_n[u] += 1
+            elif s.kind in ("conv", "linear", "conv_blockwise"):
+                norms = m.weight.detach().float().flatten(1).norm(dim=1).cpu().tolist()
+                for u, v in zip(s.out_units, norms, strict=True):
+                    if u >= 0:
+                        w_sum[u] += v
+                        w_n[u] += 1
+    return [bn_sum[u] / bn_n[u] if bn_n[u] else (w_sum[u] / w_n[u] if w_n[u] else 0.0) for u in range(graph.num_units)]
+
+
+def magnitude_plan(
+    model: "nn.Module", graph: ChannelGraph, fraction: float, *, round_to: int = 8, min_channels: int = 8
+) -> ChannelPlan:
+    """Keep about `fraction` of every group, largest magnitude first (a baseline to compare with)."""
+    return fraction_plan(graph, fraction, magnitude_scores(model, graph), round_to=round_to, min_channels=min_channels)
+
+
+def plan_from_units(graph: ChannelGraph, keep: Sequence[bool]) -> ChannelPlan:
+    """The plan keeping exactly the given units (e.g. the units whose gates are open)."""
+    if len(keep) != graph.num_units:
+        raise ConfigError(f"{len(keep)} unit decisions for {graph.num_units} units")
+    return _plan(graph, [[k for k in range(g.units) if keep[g.offset + k]] for g in graph.groups])
+
+
+__all__ = [
+    "ChannelPlan",
+    "fraction_plan",
+    "full_plan",
+    "magnitude_plan",
+    "magnitude_scores",
+    "plan_from_scores",
+    "plan_from_units",
+    "random_plan",
+    "round_units",
+]

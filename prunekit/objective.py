@@ -1,0 +1,125 @@
+"""Expected MACs as a differentiable function of unit activity, and the batch activation loss.
+
+    L = CrossEntropy + lambda * (t - B)^2
+
+B is the batch mean of the fraction of *gateable* MACs left on. A conv's MACs are
+k_h * k_w * H_out * W_out * active_in * active_out, so B is bilinear in the gate values of adjacent
+groups: the loss is FLOP-weighted, not a count of open gates. The user's target is a fraction of
+the WHOLE model's MACs (what fvcore counts); `target_to_t` converts it to t for the gateable part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunekit.errors import ConfigError
+from prunekit.graph import ChannelGraph
+
+
+def _sparse(lists: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per list: the count of fixed (-1) entries, and (term, unit, count) triples for the others."""
+    fixed = torch.tensor([sum(1 for u in lst if u < 0) for lst in lists], dtype=torch.float64)
+    terms, units, counts = [], [], []
+    for i, lst in enumerate(lists):
+        c: dict[int, int] = {}
+        for u in lst:
+            if u >= 0:
+                c[u] = c.get(u, 0) + 1
+        for u, k in c.items():
+            terms.append(i)
+            units.append(u)
+            counts.append(k)
+    return (
+        fixed,
+        torch.tensor(terms, dtype=torch.long),
+        torch.tensor(units, dtype=torch.long),
+        torch.tensor(counts, dtype=torch.float64),
+    )
+
+
+class MacModel(nn.Module):
+    """Gateable MACs of a graph given unit activity a (N, U) in [0, 1] -> (N,)."""
+
+    def __init__(self, graph: ChannelGraph) -> None:
+        super().__init__()
+        gateable = [t for t in graph.mac_terms if t.gateable]
+        dense = [t for t in gateable if t.kind == "dense"]
+        linear = [t for t in gateable if t.kind != "dense"]
+        self.num_units = graph.num_units
+        self.n_dense, self.n_linear = len(dense), len(linear)
+        for prefix, lists in (("in", [t.in_units for t in dense]), ("out", [t.out_units for t in dense]),
+                              ("lin", [t.units for t in linear])):
+            fixed, terms, units, counts = _sparse(lists)
+            self.register_buffer(f"{prefix}_fixed", fixed.float(), persistent=False)
+            self.register_buffer(f"{prefix}_term", terms, persistent=False)
+            self.register_buffer(f"{prefix}_unit", units, persistent=False)
+            self.register_buffer(f"{prefix}_count", counts.float(), persistent=False)
+        self.register_buffer("dense_factor", torch.tensor([float(t.factor) for t in dense]), persistent=False)
+        self.register_buffer("lin_factor", torch.tensor([float(t.factor) for t in linear]), persistent=False)
+        self.full = float(sum(t.macs() for t in gateable))
+
+    def _active(self, a: torch.Tensor, prefix: str, n_terms: int) -> torch.Tensor:
+        fixed = getattr(self, f"{prefix}_fixed")
+        term, unit, count = (getattr(self, f"{prefix}_{k}") for k in ("term", "unit", "count"))
+        out = fixed.to(a.dtype).expand(a.shape[0], n_terms).clone()
+        return out.index_add(1, term, a[:, unit] * count.to(a.dtype))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.float()
+        macs = torch.zeros(a.shape[0], device=a.device)
+        if self.n_dense:
+            n_in = self._active(a, "in", self.n_dense)
+            n_out = self._active(a, "out", self.n_dense)
+            macs = macs + (n_in * n_out * self.dense_factor).sum(1)
+        if self.n_linear:
+            macs = macs + (self._active(a, "lin", self.n_linear) * self.lin_factor).sum(1)
+        return macs
+
+
+@dataclass(frozen=True)
+class MacBudget:
+    """How a whole-model MACs target maps to the gateable part."""
+
+    total_macs: float  # the model's MACs (fvcore) with every channel kept
+    gateable_macs: float  # the part that depends on gates
+    target_fraction: float  # of total_macs, as the user gave it
+    t: float  # of gateable_macs: the loss target
+
+    @property
+    def fixed_macs(self) -> float:
+        return self.total_macs - self.gateable_macs
+
+    def total_fraction(self, gateable_fraction: float) -> float:
+        return (self.fixed_macs + gateable_fraction * self.gateable_macs) / self.total_macs
+
+
+def target_to_budget(target_fraction: float, total_macs: float, gateable_macs: float, min_fraction: float) -> MacBudget:
+    """Convert "keep F of the model's MACs" into t; `min_fraction` is the smallest gateable fraction the
+    gates can reach (fixed gates on, all others off)."""
+    if not 0.0 < target_fraction < 1.0:
+        raise ConfigError(f"--target-macs must be between 0 and 1 (exclusive), got {target_fraction}")
+    if gateable_macs <= 0:
+        raise ConfigError("nothing in this model can be gated")
+    fixed = total_macs - gateable_macs
+    t = (target_fraction * total_macs - fixed) / gateable_macs
+    reachable = (fixed + min_fraction * gateable_macs) / total_macs
+    if t < min_fraction:
+        raise ConfigError(
+            f"--target-macs {target_fraction:g} is out of reach: with the minimum widths the model keeps at "
+            f"least {reachable:.3f} of its MACs (lower --min-keep or pick a target above that)"
+        )
+    return MacBudget(total_macs, gateable_macs, target_fraction, t)
+
+
+def activation_loss(b: torch.Tensor, t: float, one_sided: bool = False) -> torch.Tensor:
+    """(t - B)^2 on the batch mean B of the gateable-MACs fraction; one-sided: only when B > t."""
+    gap = b.mean() - t
+    if one_sided:
+        gap = torch.clamp(gap, min=0.0)
+    return gap * gap
+
+
+__all__ = ["MacBudget", "MacModel", "activation_loss", "target_to_budget"]
