@@ -31,6 +31,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished file gets the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)

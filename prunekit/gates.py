@@ -23,7 +23,7 @@ from torch import nn
 
 from prunekit.errors import ConfigError
 from prunekit.graph import ChannelGraph
-from prunekit.slim import mask_hook
+from prunekit.slim import mask_hook, with_ones
 
 GATES_ATTR = "prunekit_gates"
 
@@ -110,7 +110,8 @@ class GateBank(nn.Module):
         self.register_buffer("unit_gate", torch.tensor(layout.unit_gate, dtype=torch.long), persistent=False)
         self.register_buffer("fixed_on", torch.tensor(layout.fixed_on, dtype=torch.bool), persistent=False)
         self.logits = nn.Parameter(self._initial_logits())
-        self.current: torch.Tensor | None = None  # unit activity for the forward pass in flight
+        self.current: torch.Tensor | None = None  # unit activity (N, U) for the forward pass in flight
+        self.current_ext: torch.Tensor | None = None  # the same with a trailing ones column (mask hooks)
 
     def _initial_logits(self) -> torch.Tensor:
         cfg = self.config
@@ -153,6 +154,7 @@ def _pre_hook(bank: GateBank):
         x = args[0] if args else None
         batch = x.shape[0] if isinstance(x, torch.Tensor) else 1
         bank.current = bank.unit_values(bank.gate_values(batch))
+        bank.current_ext = with_ones(bank.current)
 
     return hook
 
@@ -166,9 +168,9 @@ def insert_gates_(model: nn.Module, graph: ChannelGraph, bank: GateBank) -> nn.M
     model.add_module(GATES_ATTR, bank)
 
     def current() -> torch.Tensor:
-        if bank.current is None:
+        if bank.current_ext is None:
             raise RuntimeError("gate values requested outside a forward pass")
-        return bank.current
+        return bank.current_ext
 
     handles = [model.register_forward_pre_hook(_pre_hook(bank))]
     for point in graph.mask_points:

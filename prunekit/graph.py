@@ -116,7 +116,7 @@ class ParamSlice:
 class MacTerm:
     """MACs of one op as a function of unit activity a[u] in {0, 1} (a[-1] = 1):
     - "dense": factor * sum(a[in_units]) * sum(a[out_units])
-    - "linear": factor * sum(a[units])  (per-channel ops, blockwise convs: one entry per block)
+    - "linear": factor * sum(a[units])  (grouped convs: one entry per conv group)
     """
 
     name: str
@@ -248,8 +248,10 @@ class _Atoms:
         keep = (a >= 0) & (b >= 0) & (a != b)
         if not bool(keep.any()):
             return
-        pairs = torch.unique(torch.stack([a[keep], b[keep]], 1), dim=0)
-        for x, y in pairs.tolist():
+        # one int64 code per pair: 1-D unique is far faster than unique(dim=0) on big label tensors
+        n = len(self.parent)
+        codes = torch.unique(a[keep] * n + b[keep])
+        for x, y in zip((codes // n).tolist(), (codes % n).tolist(), strict=True):
             self.union(x, y)
 
     def freeze(self, labels: torch.Tensor, where: str, reason: str) -> None:
@@ -259,6 +261,11 @@ class _Atoms:
 
     def is_frozen(self, a: int) -> bool:
         return self.find(a) in self.frozen
+
+    def frozen_flags(self) -> torch.Tensor:
+        """A bool per atom: frozen now (a snapshot; later unions or freezes do not update it)."""
+        frozen = self.frozen
+        return torch.tensor([self.find(a) in frozen for a in range(len(self.parent))], dtype=torch.bool)
 
     def root_space(self, a: int) -> int:
         return self.find_space(self.space[self.find(a)])
@@ -346,6 +353,24 @@ def _stochastic_depth_targets() -> set[Any]:
 
 
 _ZERO_FUNCTIONS |= _stochastic_depth_targets()
+
+# Every function `_Analyzer._function` has a rule for. One missing here only costs precision: a
+# parameter that nothing else reads is then frozen (see the get_attr rule).
+_RULE_FUNCTIONS: frozenset[Any] = frozenset(
+    {operator.getitem, torch.cat, torch.concat, torch.chunk, torch.split, torch.mean, torch.sum, torch.amax}
+    | _ADD_FUNCS
+    | _MUL_FUNCS
+    | _DIV_FUNCS
+    | _ZERO_FUNCTIONS
+    | _NONZERO_FUNCTIONS
+    | _RESHAPE_FUNCS
+    | _MOVE_FUNCS
+)
+
+
+def _may_have_rule(user: fx.Node) -> bool:
+    """False only for a function without a rule: such an op freezes everything it reads."""
+    return user.op != "call_function" or user.target in _RULE_FUNCTIONS
 
 
 def _is_tensor(x: Any) -> bool:
@@ -466,6 +491,11 @@ class _Analyzer(fx.Interpreter):
             if result.numel() > _MAX_PARAM_ATOMS:
                 atom = self.atoms.frozen_atom(str(n.target), "large parameter used outside a layer")
                 return torch.full(result.shape, atom, dtype=torch.int64)
+            if not any(_may_have_rule(u) for u in n.users):
+                # Only read by ops without a channel rule (e.g. Swin's fused attention function), which
+                # freeze it whole anyway: one atom instead of one per element (millions in big models).
+                atom = self.atoms.frozen_atom(str(n.target), "parameter read by an op without a rule")
+                return torch.full(result.shape, atom, dtype=torch.int64)
             self.param_nodes[n] = str(n.target)
             return self.atoms.new(result.numel()).view(result.shape)
         if n.op == "call_module":
@@ -495,9 +525,7 @@ class _Analyzer(fx.Interpreter):
             return _broadcast_channel(out_atoms, out.shape, -1)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not shared and x is not None and x.dim() >= 2:
             atoms = self.channel_atoms(lx, 1)
-            per_channel = x.numel() // x.shape[0] // x.shape[1]
-            factor = per_channel * (2 if m.affine else 1)  # fvcore: 2 MACs per element with affine
-            self.records.append(_ModuleRecord(name, "batchnorm", atoms, atoms, factor))
+            self.records.append(_ModuleRecord(name, "batchnorm", atoms, atoms, 0))
             self.kind[n] = AFFINE
             self.mask_axis[n] = 1
             return _broadcast_channel(atoms, out.shape, 1)
@@ -507,9 +535,6 @@ class _Analyzer(fx.Interpreter):
                 self.mask_axis[n] = 1 if out.dim() == 4 else out.dim() - 1
             if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d, nn.AvgPool2d)):
                 atoms = self.channel_atoms(lx, 1)
-                if isinstance(m, nn.AdaptiveAvgPool2d):  # fvcore counts 1 MAC per input element
-                    per_channel = x.numel() // x.shape[0] // x.shape[1]
-                    self.records.append(_ModuleRecord(name, "pool", atoms, atoms, per_channel))
                 return _broadcast_channel(atoms, out.shape, 1)
             if out.shape != lx.shape:
                 raise ValueError("shape-changing activation")
@@ -640,13 +665,7 @@ class _Analyzer(fx.Interpreter):
         if lx.shape == out.shape:
             return lx
         # pooling functions: per-channel along dim 1
-        atoms = self.channel_atoms(lx, 1)
-        if what is F.adaptive_avg_pool2d:
-            x = self.env_value(n.args[0])
-            self.records.append(
-                _ModuleRecord(n.name, "pool", atoms, atoms, x.numel() // x.shape[0] // x.shape[1])
-            )
-        return _broadcast_channel(atoms, out.shape, 1)
+        return _broadcast_channel(self.channel_atoms(lx, 1), out.shape, 1)
 
     def _getitem(self, n: fx.Node, lx: Any, index: Any, out: Any) -> Any:
         if not _is_tensor(lx):
@@ -775,13 +794,12 @@ def _reshape_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[i
 
 def _place_masks(an: _Analyzer, graph: fx.Graph) -> tuple[dict[fx.Node, int], bool]:
     """Decide mask points; freeze what cannot be made exactly zero. Returns (mask points, froze_any)."""
-    atoms = an.atoms
+    # Frozen flags as of the start of this pass: a freeze made during the pass sets `froze`, and the
+    # caller runs another pass, so only a pass that froze nothing (whose snapshot was exact) is kept.
+    frozen = an.atoms.frozen_flags()
 
     def prunable(n: fx.Node) -> bool:
-        labels = _tree_tensors(an.labels.get(n))
-        return any(
-            not atoms.is_frozen(a) for t in labels for a in torch.unique(t[t >= 0]).tolist()
-        )
+        return any(not bool(frozen[t[t >= 0]].all()) for t in _tree_tensors(an.labels.get(n)))
 
     zero: dict[fx.Node, bool] = {}
     masks: dict[fx.Node, int] = {}
@@ -869,10 +887,11 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     x = example_input[:1].to(device)
     with torch.no_grad(), _eval_mode(model):
         an.run(x)
-    for _ in range(8):  # freezing can only make more tensors exactly zero: converges quickly
+    # Each pass that freezes something freezes at least one more atom, so this ends; only the masks of
+    # a pass that froze nothing are consistent with the final frozen set.
+    froze = True
+    while froze:
         masks, froze = _place_masks(an, gm.graph)
-        if not froze:
-            break
     return _build(an, gm, masks, tuple(example_input.shape[1:]))
 
 
@@ -943,11 +962,12 @@ def _build(an: _Analyzer, gm: fx.GraphModule, masks: dict[fx.Node, int], input_s
             cout = len(u_out) // g
             term = MacTerm(r.name, "linear", r.factor, units=tuple(u_out[i * cout] for i in range(g)))
             _add_roles(producers, u_out, unit_group, r.name)
-        elif r.kind == "batchnorm":
-            module_slices.append(ModuleSlice(r.name, r.kind, u_in, u_out))
-            term = MacTerm(r.name, "linear", r.factor, units=u_in)
-        else:  # pool
-            term = MacTerm(r.name, "linear", r.factor, units=u_in)
+        else:
+            # BatchNorm folds into the conv before it at export and pooling is not a
+            # multiply-accumulate: neither counts as MACs (the convention of prunekit.measure)
+            if r.kind == "batchnorm":
+                module_slices.append(ModuleSlice(r.name, r.kind, u_in, u_out))
+            continue
         mac_terms.append(term)
         macs = term.macs()
         for gi in {unit_group[u] for u in (*term.in_units, *term.out_units, *term.units) if u >= 0}:

@@ -140,24 +140,30 @@ def slim_(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> nn.Module
 # --------------------------------------------------------------------------------------------------
 
 
+def with_ones(values: torch.Tensor) -> torch.Tensor:
+    """Unit activity (U,) or (N, U) -> (N, U + 1) with a trailing column of ones: positions that are not
+    prunable index that column, so a mask is one gather, with no branch per call."""
+    if values.dim() == 1:
+        values = values.unsqueeze(0)
+    return torch.cat([values, values.new_ones(values.shape[0], 1)], dim=1)
+
+
 def mask_hook(point: MaskPoint, unit_values: Callable[[], torch.Tensor]) -> Callable:
     """A forward hook multiplying the module's output by the unit activity at each channel position.
 
-    `unit_values()` returns a (U,) or (N, U) tensor of unit activity (1 kept, 0 pruned)."""
-    idx = torch.tensor(point.units, dtype=torch.long)
-    prunable = idx >= 0
-    gather = idx.clamp(min=0)
+    `unit_values()` returns (N, U + 1) activity as made by `with_ones` (1 kept, 0 pruned)."""
+    units = torch.tensor(point.units, dtype=torch.long)
+    index_on: dict[torch.device, torch.Tensor] = {}
 
     def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
         values = unit_values()
-        g, p = gather.to(values.device), prunable.to(values.device)
-        if values.dim() == 1:
-            values = values.unsqueeze(0)
-        mask = torch.where(p, values[:, g], torch.ones((), dtype=values.dtype, device=values.device))
+        idx = index_on.get(values.device)
+        if idx is None:
+            idx = index_on[values.device] = torch.where(units >= 0, units, values.shape[1] - 1).to(values.device)
         shape = [1] * out.dim()
-        shape[0] = mask.shape[0]
-        shape[point.axis] = mask.shape[1]
-        return out * mask.to(out.dtype).view(shape)
+        shape[0] = values.shape[0]
+        shape[point.axis] = idx.shape[0]
+        return out * values[:, idx].to(out.dtype).view(shape)
 
     return hook
 
@@ -165,7 +171,7 @@ def mask_hook(point: MaskPoint, unit_values: Callable[[], torch.Tensor]) -> Call
 @contextlib.contextmanager
 def masked(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> Iterator[nn.Module]:
     """`model` with the plan applied as zero masks at every mask point, for the duration."""
-    values = torch.tensor(plan.unit_mask(graph), dtype=torch.float32)
+    values = with_ones(torch.tensor(plan.unit_mask(graph), dtype=torch.float32))
     handles = [
         model.get_submodule(p.module).register_forward_hook(mask_hook(p, lambda: values))
         for p in graph.mask_points
@@ -221,4 +227,4 @@ def verify_slim(
     return parity
 
 
-__all__ = ["Parity", "SLICERS", "compare_outputs", "mask_hook", "masked", "slim_", "verify_slim"]
+__all__ = ["Parity", "SLICERS", "compare_outputs", "mask_hook", "masked", "with_ones", "slim_", "verify_slim"]

@@ -1,0 +1,70 @@
+"""prunekit: prune torchvision classifiers with learned channel gates, slim them, export ONNX.
+
+Importing this package is cheap: the public API below is re-exported lazily so that `prunekit --help`
+never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "LoadedModel": "prunekit.models",
+    "build_model": "prunekit.models",
+    "example_input": "prunekit.models",
+    "list_classification_models": "prunekit.models",
+    "load_model": "prunekit.models",
+    "LatencyResult": "prunekit.measure",
+    "MacReport": "prunekit.measure",
+    "count_macs": "prunekit.measure",
+    "count_params": "prunekit.measure",
+    "DataLoaders": "prunekit.data",
+    "builtin_loaders": "prunekit.data",
+    "image_folder_loaders": "prunekit.data",
+    "resolve_data": "prunekit.data",
+}
+
+__all__ = [
+    "DataLoaders",
+    "LatencyResult",
+    "LoadedModel",
+    "MacReport",
+    "__version__",
+    "build_model",
+    "builtin_loaders",
+    "count_macs",
+    "count_params",
+    "example_input",
+    "image_folder_loaders",
+    "list_classification_models",
+    "load_model",
+    "resolve_data",
+]
+
+if TYPE_CHECKING:
+    from prunekit.data import DataLoaders, builtin_loaders, image_folder_loaders, resolve_data
+    from prunekit.measure import LatencyResult, MacReport, count_macs, count_params
+    from prunekit.models import (
+        LoadedModel,
+        build_model,
+        example_input,
+        list_classification_models,
+        load_model,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

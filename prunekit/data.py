@@ -1,0 +1,267 @@
+"""Data loaders: ImageFolder trees on disk and the built-in Fashion-MNIST subset. Never downloads."""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from prunekit.errors import ConfigError, DataError
+
+BUILTIN = "builtin"
+BUILTIN_INPUT_SIZE = 32
+BUILTIN_FILE = "fashion_mnist_subset.npz"
+SMALL_INPUT = 64  # at or below this side length, augment CIFAR-style (pad + crop) instead of resized crops
+_VAL_DIRS = ("val", "test")
+
+Stats = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class DataLoaders:
+    train: DataLoader
+    val: DataLoader
+    num_classes: int
+    classes: tuple[str, ...]
+    input_size: int
+
+
+def resolve_data(
+    spec: str,
+    *,
+    input_size: int,
+    mean: Stats | None = None,
+    std: Stats | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    train_augment: bool = True,
+) -> DataLoaders:
+    """`--data builtin` is the built-in example data; anything else is an ImageFolder root.
+
+    For a folder, `mean`/`std` default to ImageNet's; for the built-in data, to its own statistics.
+    """
+    if spec == BUILTIN:
+        return builtin_loaders(
+            input_size=input_size,
+            mean=mean,
+            std=std,
+            batch_size=batch_size,
+            workers=workers,
+            seed=seed,
+            train_augment=train_augment,
+        )
+    from prunekit.models import IMAGENET_MEAN, IMAGENET_STD
+
+    return image_folder_loaders(
+        spec,
+        input_size=input_size,
+        mean=mean or IMAGENET_MEAN,
+        std=std or IMAGENET_STD,
+        batch_size=batch_size,
+        workers=workers,
+        val_fraction=val_fraction,
+        seed=seed,
+        train_augment=train_augment,
+    )
+
+
+def image_folder_loaders(
+    root: str | Path,
+    *,
+    input_size: int,
+    mean: Stats,
+    std: Stats,
+    batch_size: int,
+    workers: int,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    train_augment: bool = True,
+) -> DataLoaders:
+    """Loaders for `root/train` + `root/val` (or `root/test`), or for one ImageFolder `root` split per
+    class into train/val by `val_fraction` (seeded). Images are converted to RGB."""
+    _check_loader_args(input_size, batch_size, workers)
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"data path is not a folder: {root}")
+    val_tf = eval_transform(input_size, mean, std)
+    train_tf = train_transform(input_size, mean, std) if train_augment else val_tf
+
+    val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and val_dir is not None:
+        train_set = _image_folder(root / "train", train_tf)
+        val_set = _image_folder(val_dir, val_tf)
+        if train_set.classes != val_set.classes:
+            only_train = sorted(set(train_set.classes) - set(val_set.classes))
+            only_val = sorted(set(val_set.classes) - set(train_set.classes))
+            raise DataError(
+                f"class folders of {root / 'train'} and {val_dir} differ: "
+                f"only in train {only_train[:5]}, only in {val_dir.name} {only_val[:5]}"
+            )
+        classes = tuple(train_set.classes)
+        train: Dataset = train_set
+        val: Dataset = val_set
+    else:
+        # One ImageFolder (root itself, or root/train without a val/test sibling): hold out val_fraction.
+        folder = root / "train" if (root / "train").is_dir() else root
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        full_train = _image_folder(folder, train_tf)
+        full_val = datasets.ImageFolder(folder, transform=val_tf, allow_empty=True)
+        train_idx, val_idx = stratified_split(full_train.targets, val_fraction, seed)
+        if not val_idx:
+            raise DataError(f"too few images in {folder} to hold out a validation split")
+        classes = tuple(full_train.classes)
+        train, val = Subset(full_train, train_idx), Subset(full_val, val_idx)
+    return _loaders(train, val, classes, input_size, batch_size, workers, seed)
+
+
+def builtin_loaders(
+    *,
+    input_size: int = BUILTIN_INPUT_SIZE,
+    mean: Stats | None = None,
+    std: Stats | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    seed: int = 0,
+    train_augment: bool = True,
+) -> DataLoaders:
+    """The shipped Fashion-MNIST subset (6000 train / 1000 test, 10 classes; see prunekit/_data/README.md):
+    grayscale repeated to 3 channels, resized to `input_size`, normalised with the subset's own
+    statistics unless `mean`/`std` are given. Its test split is the validation split."""
+    _check_loader_args(input_size, batch_size, workers)
+    arrays = _builtin_arrays()
+    own_mean = (float(arrays["mean"]),) * 3
+    own_std = (float(arrays["std"]),) * 3
+    mean, std = mean or own_mean, std or own_std  # type: ignore[assignment]
+    val_tf = eval_transform(input_size, mean, std)
+    train_tf = train_transform(input_size, mean, std) if train_augment else val_tf
+    train = ArrayImages(arrays["train_images"], arrays["train_labels"], train_tf)
+    val = ArrayImages(arrays["test_images"], arrays["test_labels"], val_tf)
+    classes = tuple(str(c) for c in arrays["classes"])
+    return _loaders(train, val, classes, input_size, batch_size, workers, seed)
+
+
+class ArrayImages(Dataset):
+    """uint8 grayscale images [N, H, W] with labels, served as 3-channel tensors."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Any) -> None:
+        self.images = torch.from_numpy(images).unsqueeze(1)  # [N, 1, H, W] uint8
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index].expand(3, -1, -1)  # [3, H, W] uint8, gray in every channel
+        return self.transform(image), int(self.labels[index])
+
+
+def train_transform(input_size: int, mean: Stats, std: Stats) -> v2.Compose:
+    """Random resized crops for large inputs; pad-and-crop for small (CIFAR-sized) ones; both flip."""
+    if input_size <= SMALL_INPUT:
+        geometry = [
+            v2.Resize(input_size, antialias=True),
+            v2.RandomCrop(input_size, padding=input_size // 8),
+        ]
+    else:
+        geometry = [v2.RandomResizedCrop(input_size, antialias=True)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.RandomHorizontalFlip(), *_to_normalised(mean, std)])
+
+
+def eval_transform(input_size: int, mean: Stats, std: Stats) -> v2.Compose:
+    """Resize to 256/224 of the crop and centre-crop (ImageNet practice); small inputs: resize only."""
+    resize = input_size if input_size <= SMALL_INPUT else int(input_size * 256 / 224)
+    geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(input_size)]
+    return v2.Compose([v2.ToImage(), *geometry, *_to_normalised(mean, std)])
+
+
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Per-class seeded split: round(n * val_fraction) of each class (at least 1 when n >= 2) to val."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(list(targets))
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)].tolist()
+        n_val = min(max(round(len(members) * val_fraction), 1), len(members) - 1)
+        val_idx += members[:n_val]
+        train_idx += members[n_val:]
+    return sorted(train_idx), sorted(val_idx)
+
+
+# -- internals ---------------------------------------------------------------------------------------------
+
+
+def _to_normalised(mean: Stats, std: Stats) -> list[Any]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def _image_folder(root: Path, transform: Any) -> datasets.ImageFolder:
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise DataError(f"no class subfolders in {root}: expected {root}/<class>/<image files>")
+    try:
+        # allow_empty so we can name the empty classes ourselves instead of torchvision's long message.
+        dataset = datasets.ImageFolder(root, transform=transform, allow_empty=True)
+    except FileNotFoundError as err:
+        raise DataError(f"cannot read {root} as an image folder: {err}") from None
+    if not dataset.samples:
+        extensions = ", ".join(datasets.folder.IMG_EXTENSIONS[:4])
+        raise DataError(f"no images in {root} (looked for {extensions}, ...)")
+    counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
+    empty = [c for c, n in zip(dataset.classes, counts, strict=True) if n == 0]
+    if empty:
+        raise DataError(f"class folder(s) without images in {root}: {', '.join(empty[:5])}")
+    return dataset
+
+
+def _loaders(
+    train: Dataset,
+    val: Dataset,
+    classes: tuple[str, ...],
+    input_size: int,
+    batch_size: int,
+    workers: int,
+    seed: int,
+) -> DataLoaders:
+    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": workers}
+    if workers > 0:
+        common["persistent_workers"] = True
+    return DataLoaders(
+        train=DataLoader(train, shuffle=True, generator=torch.Generator().manual_seed(seed), **common),
+        val=DataLoader(val, shuffle=False, **common),
+        num_classes=len(classes),
+        classes=classes,
+        input_size=input_size,
+    )
+
+
+def _builtin_arrays() -> dict[str, np.ndarray]:
+    resource = importlib.resources.files("prunekit") / "_data" / BUILTIN_FILE
+    try:
+        with resource.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except FileNotFoundError:
+        raise DataError(f"the built-in dataset {BUILTIN_FILE} is missing from the installation") from None
+
+
+def _check_loader_args(input_size: int, batch_size: int, workers: int) -> None:
+    if input_size < 8:
+        raise ConfigError(f"input size must be at least 8 pixels, got {input_size}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ConfigError(f"workers must be 0 or more, got {workers}")

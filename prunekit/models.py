@@ -1,0 +1,357 @@
+"""torchvision classification models by name, with weights from the hub cache or a local file.
+
+prunekit never downloads: torchvision weights must already be in the torch hub cache
+($TORCH_HOME/hub/checkpoints), otherwise loading fails with the file name it expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pickle
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from prunekit.errors import ConfigError, UnknownModelError, WeightsError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_INPUT_SIZE = 224
+TORCHVISION_NUM_CLASSES = 1000  # what get_model builds when num_classes is not given
+
+# Per-architecture overrides, as data. Without weights, torchvision builds vit_h_14 for 224 px inputs
+# (fixed position embeddings) although its DEFAULT weights are 518 px.
+_INPUT_SIZE_WITHOUT_WEIGHTS: dict[str, int] = {"vit_h_14": 224}
+
+# Prefixes that training wrappers add to state_dict keys: DataParallel/DDP and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_WEIGHT_FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # in eval mode
+    arch: str
+    weights: str | None  # what the user asked for: None, a torchvision weights name or a file path
+    num_classes: int
+    input_size: int  # square input side in pixels
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of `prunekit models`: what torchvision's weights metadata says about an architecture."""
+
+    name: str
+    weights: tuple[str, ...]  # weights names, e.g. ("IMAGENET1K_V1", "IMAGENET1K_V2")
+    default_weights: str | None  # e.g. "ResNet50_Weights.IMAGENET1K_V2"
+    params: int | None  # parameters of the DEFAULT weights' model
+    macs: int | None  # torchvision's "_ops" (labelled GFLOPS there, but counted as MACs) x 1e9
+    input_size: int
+    cached: bool  # DEFAULT weights present in the hub cache, so loadable offline
+
+
+def list_classification_models() -> list[str]:
+    """Names of torchvision's image classification models (no detection, video or quantized ones)."""
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_arch(name: str) -> str:
+    """Return `name` if it is a classification model, else raise UnknownModelError with close matches."""
+    names = list_classification_models()
+    if name in names:
+        return name
+    close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model {name!r}{hint} (`prunekit models` lists the torchvision classification models)"
+    )
+
+
+def default_weights(arch: str) -> WeightsEnum | None:
+    """torchvision's DEFAULT weights entry for `arch` (metadata only, nothing is loaded)."""
+    try:
+        return torchvision.models.get_model_weights(check_arch(arch)).DEFAULT
+    except (ValueError, AttributeError):
+        return None
+
+
+def default_input_size(arch: str, weights: WeightsEnum | None = None) -> int:
+    """Input side in pixels: the weights' evaluation crop, else the DEFAULT weights' crop, else 224."""
+    if weights is None:
+        if arch in _INPUT_SIZE_WITHOUT_WEIGHTS:
+            return _INPUT_SIZE_WITHOUT_WEIGHTS[arch]
+        weights = default_weights(arch)
+    crop = getattr(weights.transforms(), "crop_size", None) if weights is not None else None
+    return int(crop[0]) if crop else DEFAULT_INPUT_SIZE
+
+
+def hub_cache_file(weights: WeightsEnum) -> Path:
+    """Where torchvision looks for (and would download) these weights. Reads TORCH_HOME at call time."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def model_catalog(filter: str | None = None) -> list[ModelInfo]:
+    """Classification models whose name contains `filter` (case-insensitive), with weights metadata."""
+    rows = []
+    for name in list_classification_models():
+        if filter and filter.lower() not in name.lower():
+            continue
+        enum = torchvision.models.get_model_weights(name)
+        default = enum.DEFAULT
+        ops = default.meta.get("_ops")
+        rows.append(
+            ModelInfo(
+                name=name,
+                weights=tuple(member.name for member in enum),
+                default_weights=str(default),
+                params=default.meta.get("num_params"),
+                macs=round(ops * 1e9) if ops is not None else None,
+                input_size=default_input_size(name),
+                cached=hub_cache_file(default).is_file(),
+            )
+        )
+    return rows
+
+
+def build_model(arch: str, num_classes: int | None = None) -> nn.Module:
+    """A randomly initialised model in eval mode."""
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    with warnings.catch_warnings():
+        # googlenet / inception_v3 warn about a future change of their default initialisation.
+        warnings.filterwarnings("ignore", message=".*default weight initialization", category=FutureWarning)
+        model = torchvision.models.get_model(check_arch(arch), weights=None, **kwargs)
+    return model.eval()
+
+
+def load_model(name: str, weights: str | None = None, num_classes: int | None = None) -> LoadedModel:
+    """Build `name` and load `weights`: None, a torchvision weights name (DEFAULT, IMAGENET1K_V1,
+    ResNet50_Weights.IMAGENET1K_V2) from the hub cache, or a local state_dict file.
+
+    `num_classes` with torchvision weights replaces the classifier head with a fresh one; with a local file
+    the model is built for that many classes (inferred from the file's head when not given).
+    """
+    arch = check_arch(name)
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"--num-classes must be at least 1, got {num_classes}")
+    if weights is None:
+        model = build_model(arch, num_classes)
+        return _loaded(model, arch, None, None, num_classes or TORCHVISION_NUM_CLASSES)
+
+    source = _resolve_weights(arch, weights)
+    if isinstance(source, Path):
+        model, num_classes = _load_local(arch, source, num_classes)
+        return _loaded(model, arch, weights, None, num_classes)
+
+    model = _load_from_hub(arch, source)
+    categories = len(source.meta["categories"])
+    if num_classes is not None and num_classes != categories:
+        replace_head_(model, num_classes)
+    return _loaded(model, arch, weights, source, num_classes or categories)
+
+
+def replace_head_(model: nn.Module, num_classes: int) -> str:
+    """Replace the last nn.Linear (by module order: the classifier head) with a freshly initialised one
+    with `num_classes` outputs. Returns the head's module name."""
+    name, head = last_linear(model)
+    new_head = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    model.set_submodule(name, new_head.to(device=head.weight.device, dtype=head.weight.dtype))
+    return name
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier head of a torchvision model: its last nn.Linear in module order."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ConfigError(
+            f"{type(model).__name__} has no Linear classifier head to resize; "
+            "load a state_dict trained for your classes instead of --num-classes"
+        )
+    return found[-1]
+
+
+def example_input(
+    loaded_or_arch: LoadedModel | str, batch: int = 1, input_size: int | None = None
+) -> torch.Tensor:
+    """A seeded random batch [batch, 3, size, size] at the model's input size (or `input_size`)."""
+    if input_size is None:
+        if isinstance(loaded_or_arch, LoadedModel):
+            input_size = loaded_or_arch.input_size
+        else:
+            input_size = default_input_size(check_arch(loaded_or_arch))
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, input_size, input_size, generator=generator)
+
+
+# -- internals ---------------------------------------------------------------------------------------------
+
+
+def _loaded(
+    model: nn.Module, arch: str, asked: str | None, tv_weights: WeightsEnum | None, num_classes: int
+) -> LoadedModel:
+    if tv_weights is not None:
+        transforms = tv_weights.transforms()
+        mean, std = tuple(transforms.mean), tuple(transforms.std)
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return LoadedModel(
+        model=model.eval(),
+        arch=arch,
+        weights=asked,
+        num_classes=num_classes,
+        input_size=default_input_size(arch, tv_weights),
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+    )
+
+
+def _has_linear(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def _resolve_weights(arch: str, spec: str) -> WeightsEnum | Path:
+    """A torchvision weights entry, or the path of an existing local file."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise WeightsError(f"weights path {spec} is a directory; give a state_dict file")
+    enum = torchvision.models.get_model_weights(arch)
+    cls_name, dot, key = spec.rpartition(".")
+    if dot and cls_name.endswith("_Weights"):
+        if cls_name != enum.__name__:
+            raise WeightsError(f"{spec} are weights for another architecture; {arch} takes {enum.__name__}.*")
+    else:
+        key = spec
+    for candidate in (key, key.upper()):
+        if candidate == "DEFAULT":
+            return enum.DEFAULT
+        if candidate in enum.__members__:
+            return enum[candidate]
+    if os.sep in spec or "/" in spec or path.suffix in _WEIGHT_FILE_SUFFIXES:
+        raise WeightsError(f"weights file not found: {spec}")
+    names = ", ".join(["DEFAULT", *(member.name for member in enum)])
+    raise WeightsError(f"unknown weights {spec!r} for {arch}: use one of {names}, or a state_dict file path")
+
+
+def _load_from_hub(arch: str, weights: WeightsEnum) -> nn.Module:
+    path = hub_cache_file(weights)
+    if not path.is_file():
+        raise WeightsError(
+            f"{weights} is not in the torch hub cache and prunekit never downloads: expected {path} "
+            f"(fetch {weights.url} elsewhere and copy it there, or point TORCH_HOME at a cache that has it)"
+        )
+    # Read it ourselves first, safely: torch.hub loads cache files with weights_only=False.
+    state_dict = _read_state_dict(path)
+    try:
+        # Let torchvision build and load, so its per-architecture quirks (densenet key renames,
+        # inception/googlenet auxiliary heads, ViT image sizes) apply exactly as upstream.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            model = torchvision.models.get_model(arch, weights=weights)
+    except RuntimeError as err:
+        categories = len(weights.meta["categories"])
+        reference = build_model(arch, categories)
+        problem = _mismatch_message(path, f"{arch}(num_classes={categories})", reference, state_dict)
+        raise WeightsError(problem or f"cannot load {path}: {_first_line(err)}") from None
+    return model.eval()
+
+
+def _load_local(arch: str, path: Path, num_classes: int | None) -> tuple[nn.Module, int]:
+    state_dict = _read_state_dict(path)
+    if num_classes is None:
+        num_classes = _infer_num_classes(arch, state_dict) or TORCHVISION_NUM_CLASSES
+    model = build_model(arch, num_classes)
+    problem = _mismatch_message(path, f"{arch}(num_classes={num_classes})", model, state_dict)
+    if problem:
+        raise WeightsError(problem)
+    model.load_state_dict(state_dict)
+    return model.eval(), num_classes
+
+
+def _infer_num_classes(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The head size stored in the file, so a 10-class state_dict loads without --num-classes."""
+    try:
+        with torch.device("meta"):  # no memory, no initialisation cost: we only need module names
+            skeleton = build_model(arch)
+    except NotImplementedError:  # regnets compute widths from tensor data, which meta tensors lack
+        skeleton = build_model(arch)
+    if not _has_linear(skeleton):
+        return None
+    name, _ = last_linear(skeleton)
+    weight = state_dict.get(f"{name}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state_dict with weights_only=True; unwrap {"state_dict": ...} / {"model": ...}; strip
+    DataParallel / torch.compile key prefixes."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise WeightsError(
+                f"cannot read weights file {path}: it holds more than tensors (a pickled model?); "
+                "save model.state_dict() instead"
+            ) from None
+        raise WeightsError(f"cannot read weights file {path}: {_first_line(err)}") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, ValueError... for a damaged file
+        raise WeightsError(
+            f"cannot read weights file {path}: not a PyTorch file or truncated ({_first_line(err)})"
+        ) from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} is not a state_dict (a mapping of parameter names to tensors)")
+    state_dict = dict(obj)
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _mismatch_message(
+    path: Path, built: str, model: nn.Module, state_dict: Mapping[str, torch.Tensor]
+) -> str | None:
+    """One line naming missing / unexpected keys and disagreeing shapes, or None if the file fits."""
+    expected = model.state_dict()
+    shapes = [
+        f"{k}: file {list(state_dict[k].shape)}, model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    # BatchNorm tolerates a missing num_batches_tracked, like load_state_dict(strict=True) does.
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    if not (shapes or missing or unexpected):
+        return None
+    parts = [
+        _listing(f"{len(missing)} missing key(s)", missing),
+        _listing(f"{len(unexpected)} unexpected key(s)", unexpected),
+        _listing(f"{len(shapes)} shape mismatch(es)", shapes),
+    ]
+    return f"weights file {path} does not fit {built}: " + "; ".join(p for p in parts if p)
+
+
+def _listing(label: str, items: list[str], first: int = 3) -> str:
+    if not items:
+        return ""
+    more = f", ... {len(items) - first} more" if len(items) > first else ""
+    return f"{label} ({', '.join(items[:first])}{more})"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__

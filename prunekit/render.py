@@ -1,0 +1,167 @@
+"""Output for people (rich tables on stdout) and for machines (one JSON document on stdout).
+
+rich is used here and in cli.py only. Nothing here imports torch: the CLI imports this module at start-up.
+Diagnostics (progress, notes, errors) go to stderr so that stdout stays parseable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from prunekit.measure import TargetReport
+    from prunekit.models import ModelInfo
+
+# Off a terminal (pipes, CI logs, tests) rich would guess 80 columns; a fixed, wider width keeps tables
+# on one line per row and identical from run to run.
+NON_TTY_WIDTH = 100
+MACS_NOTE = "MACs: multiply-accumulates of conv, linear and matmul layers (norms and pooling not counted)"
+_PREFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+
+
+def console(file: TextIO | None = None) -> Console:
+    """A console on `file` (default: the current sys.stdout): colour and terminal width only on a tty."""
+    file = sys.stdout if file is None else file
+    tty = hasattr(file, "isatty") and file.isatty()
+    return Console(file=file, width=None if tty else NON_TTY_WIDTH, highlight=False)
+
+
+def stderr_console() -> Console:
+    return console(sys.stderr)
+
+
+def human(n: float) -> str:
+    """4111512576 -> '4.11 G', 25557032 -> '25.56 M', 512 -> '512'."""
+    for scale, prefix in _PREFIXES:
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.2f}"
+
+
+def format_macs(n: float) -> str:
+    return f"{human(n)} MACs"
+
+
+def format_params(n: float) -> str:
+    return f"{human(n)} params"
+
+
+def percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, tuples, paths and mappings -> plain JSON types (dataclass fields keep their names)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN / Infinity
+    return obj
+
+
+def emit_json(obj: Any, file: TextIO | None = None) -> None:
+    """Write exactly one JSON document (and a newline) to stdout."""
+    file = sys.stdout if file is None else file
+    file.write(json.dumps(to_jsonable(obj), indent=2) + "\n")
+    file.flush()
+
+
+def note(message: str) -> None:
+    """A diagnostic line on stderr (never on stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- tables ------------------------------------------------------------------------------------------------
+
+
+def render_report(report: TargetReport, out: Console | None = None) -> None:
+    """Summary of a `prunekit report`, then the per-module table when there is one."""
+    out = out or console()
+    summary = Table(show_header=False, box=None, pad_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("Target", report.target)
+    if report.arch is not None and report.arch != report.target:
+        summary.add_row("Architecture", report.arch)
+    if report.kind == "model":
+        summary.add_row("Weights", report.weights or "none (random init)")
+    if report.num_classes is not None:
+        summary.add_row("Classes", str(report.num_classes))
+    summary.add_row("Input", " x ".join(str(d) for d in report.input_shape))
+    summary.add_row("MACs", f"{human(report.macs)}  ({report.macs:,} per example)")
+    summary.add_row("Params", f"{human(report.params)}  ({report.params:,})")
+    if report.latency is not None:
+        lat = report.latency
+        summary.add_row(
+            "Latency",
+            f"{lat.median_ms:.2f} ms median, {lat.p90_ms:.2f} ms p90 "
+            f"({report.latency_backend}, {lat.threads} thread{'s' if lat.threads > 1 else ''}, "
+            f"{lat.repeats} runs)",
+        )
+    out.print(summary)
+    if report.modules:
+        out.print()
+        out.print(module_table(report))
+    out.print(MACS_NOTE, style="dim")
+
+
+def module_table(report: TargetReport) -> Table:
+    table = Table(title="MACs and parameters by module", title_justify="left")
+    table.add_column("Module")
+    table.add_column("MACs", justify="right")
+    table.add_column("% MACs", justify="right")
+    table.add_column("Params", justify="right")
+    table.add_column("% params", justify="right")
+    for row in report.modules:
+        table.add_row(
+            row.name,
+            human(row.macs),
+            percent(row.macs, report.macs),
+            human(row.params),
+            percent(row.params, report.params),
+        )
+    table.add_section()
+    table.add_row("total", human(report.macs), "100.0%", human(report.params), "100.0%", style="bold")
+    return table
+
+
+def render_models(rows: Sequence[ModelInfo], out: Console | None = None) -> None:
+    """The `prunekit models` table."""
+    out = out or console()
+    table = Table(title=f"torchvision classification models ({len(rows)})", title_justify="left")
+    table.add_column("Model")
+    table.add_column("Input", justify="right")
+    table.add_column("MACs", justify="right")
+    table.add_column("Params", justify="right")
+    table.add_column("Weights")
+    table.add_column("Cached", justify="center")
+    for row in rows:
+        table.add_row(
+            row.name,
+            str(row.input_size),
+            human(row.macs) if row.macs is not None else "-",
+            human(row.params) if row.params is not None else "-",
+            ", ".join(row.weights) or "-",
+            "yes" if row.cached else "no",
+        )
+    out.print(table)
+    out.print(
+        "MACs and params from torchvision's metadata for the DEFAULT weights; Cached: DEFAULT weights are "
+        "in the torch hub cache (loadable offline).",
+        style="dim",
+    )
