@@ -6,7 +6,8 @@ slimmed model's accuracy and fvcore MACs, and the per-step overhead of the gates
 interleaved in one run). Needs the unpacked data set:
 
     mkdir -p /tmp/cifar10 && tar xzf ../shared/data/cifar10-jpg.tar.gz -C /tmp/cifar10
-    .venv/bin/python benchmarks/finetune_cifar_resnet18.py --data /tmp/cifar10 --out benchmarks/results/cifar_resnet18.json
+    .venv/bin/python benchmarks/finetune_cifar_resnet18.py --data /tmp/cifar10 \
+        --out benchmarks/results/cifar_resnet18.json
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.checkpoint import load_checkpoint
-from prunekit.finetune import FinetuneConfig, evaluate
+from prunekit.finetune import FinetuneConfig
 from prunekit.gates import GateConfig, remove_gates_
 from prunekit.pipeline import FinetuneCallbacks, finetune_stage, gate_stage, slim_stage
 
@@ -51,7 +52,14 @@ def step_overhead(gated_path: Path, batch: int, steps: int) -> dict[str, float]:
         if i >= 4:
             times[name].append(time.perf_counter() - t)
     g, u = statistics.median(times["gated"]), statistics.median(times["ungated"])
-    return {"gated_s": g, "ungated_s": u, "ratio": g / u, "batch": batch, "steps": steps, "threads": torch.get_num_threads()}
+    return {
+        "gated_s": g,
+        "ungated_s": u,
+        "ratio": g / u,
+        "batch": batch,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -74,21 +82,43 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    gate = gate_stage("resnet18", work / "gated.pt", weights=args.weights, num_classes=10, input_size=32,
-                      config=GateConfig(granularity=args.granularity, min_keep=args.min_keep),
-                      mean=CIFAR_MEAN, std=CIFAR_STD)
+    gate = gate_stage(
+        "resnet18",
+        work / "gated.pt",
+        weights=args.weights,
+        num_classes=10,
+        input_size=32,
+        config=GateConfig(granularity=args.granularity, min_keep=args.min_keep),
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+    )
     overhead = step_overhead(work / "gated.pt", args.batch_size, 10)
     print("step overhead", overhead, flush=True)
-    cfg = FinetuneConfig(target_macs=args.target, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         lam=args.lam, decide_at=args.decide_at, distill=args.distill, workers=2,
-                         max_steps_per_epoch=args.max_steps)
-    tuned = finetune_stage(work / "gated.pt", args.data, work / "tuned.pt", cfg, callbacks=FinetuneCallbacks(
-        on_start=lambda i: print("start", i, flush=True),
-        on_epoch=lambda m: print("epoch", json.dumps(m.to_dict()), flush=True)))
+    cfg = FinetuneConfig(
+        target_macs=args.target,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lam=args.lam,
+        decide_at=args.decide_at,
+        distill=args.distill,
+        workers=2,
+        max_steps_per_epoch=args.max_steps,
+    )
+    tuned = finetune_stage(
+        work / "gated.pt",
+        args.data,
+        work / "tuned.pt",
+        cfg,
+        callbacks=FinetuneCallbacks(
+            on_start=lambda i: print("start", i, flush=True),
+            on_epoch=lambda m: print("epoch", json.dumps(m.to_dict()), flush=True),
+        ),
+    )
     slim = slim_stage(work / "tuned.pt", work / "slim.onnx", data=args.data, latency=True, threads=2)
     result = {
-        "command": "python benchmarks/finetune_cifar_resnet18.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": "python benchmarks/finetune_cifar_resnet18.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "baseline_val_acc": tuned["baseline_val_acc"],
         "history": tuned["history"],
         "slim_val_acc": slim["accuracy"]["slim"],

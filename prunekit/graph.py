@@ -129,8 +129,10 @@ class MacTerm:
     def macs(self, active: Callable[[int], float] | None = None) -> float:
         a = active or (lambda _u: 1.0)
         if self.kind == "dense":
-            return self.factor * sum(a(u) if u >= 0 else 1.0 for u in self.in_units) * sum(
-                a(u) if u >= 0 else 1.0 for u in self.out_units
+            return (
+                self.factor
+                * sum(a(u) if u >= 0 else 1.0 for u in self.in_units)
+                * sum(a(u) if u >= 0 else 1.0 for u in self.out_units)
             )
         return self.factor * sum(a(u) if u >= 0 else 1.0 for u in self.units)
 
@@ -472,8 +474,18 @@ class _Analyzer(fx.Interpreter):
         except AnalysisError:
             raise
         except Exception as exc:  # a rule that does not fit this call: fail closed, keep going
-            self.labels[n] = self._opaque(n, result, f"no rule could be applied ({type(exc).__name__})")
+            reason = f"no rule fits this {self._op_name(n)} ({type(exc).__name__}: {exc})".splitlines()[0]
+            self.labels[n] = self._opaque(n, result, reason)
         return result
+
+    def _op_name(self, n: fx.Node) -> str:
+        if n.op == "call_module":
+            return type(self.module.get_submodule(str(n.target))).__name__
+        if n.op == "call_function":
+            return f"function {getattr(n.target, '__name__', n.target)}"
+        if n.op == "call_method":
+            return f"method .{n.target}()"
+        return n.op
 
     def _label(self, n: fx.Node, result: Any) -> Any:
         if n.op == "placeholder":
@@ -530,8 +542,12 @@ class _Analyzer(fx.Interpreter):
             self.mask_axis[n] = 1
             return _broadcast_channel(atoms, out.shape, 1)
         if isinstance(m, _ZERO_MODULES + _NONZERO_MODULES) and _is_tensor(out) and _is_tensor(lx):
-            self.kind[n] = ZERO if isinstance(m, _ZERO_MODULES) else NONZERO
-            if isinstance(m, _NONZERO_MODULES) and not shared:
+            # Hardtanh(min_val=0.1) maps 0 to 0.1: zero-preserving only when 0 lies in its range
+            nonzero = isinstance(m, _NONZERO_MODULES) or (
+                isinstance(m, nn.Hardtanh) and not m.min_val <= 0.0 <= m.max_val
+            )
+            self.kind[n] = NONZERO if nonzero else ZERO
+            if nonzero and not shared:
                 self.mask_axis[n] = 1 if out.dim() == 4 else out.dim() - 1
             if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d, nn.AvgPool2d)):
                 atoms = self.channel_atoms(lx, 1)
@@ -573,7 +589,9 @@ class _Analyzer(fx.Interpreter):
                     self.atoms.union(int(block[0]), a)
                 out_atoms[i * cout : (i + 1) * cout] = block[0]
             factor = kernel * spatial * cin * cout
-            self.records.append(_ModuleRecord(name, "conv_blockwise", in_atoms, out_atoms, factor, {"groups": g}))
+            self.records.append(
+                _ModuleRecord(name, "conv_blockwise", in_atoms, out_atoms, factor, {"groups": g})
+            )
             # per-block op: a pruned block is removed whole, so its input need not be zero, but its
             # output must be masked before any dense consumer
             self.kind[n] = AFFINE
@@ -612,7 +630,12 @@ class _Analyzer(fx.Interpreter):
             self.kind[n] = DIV
             return largs[0]
         if fn in _ZERO_FUNCTIONS or fn in _NONZERO_FUNCTIONS:
-            return self._unary(n, fn in _ZERO_FUNCTIONS, largs[0], out, fn)
+            zero = fn in _ZERO_FUNCTIONS
+            if fn is F.hardtanh:  # hardtanh(0) = min_val when min_val > 0
+                low = lkwargs.get("min_val", largs[1] if len(largs) > 1 else -1.0)
+                high = lkwargs.get("max_val", largs[2] if len(largs) > 2 else 1.0)
+                zero = low <= 0.0 <= high
+            return self._unary(n, zero, largs[0], out, fn)
         if fn is torch.cat or fn is torch.concat:
             dim = lkwargs.get("dim", largs[1] if len(largs) > 1 else 0)
             self.kind[n] = ZERO
@@ -642,7 +665,11 @@ class _Analyzer(fx.Interpreter):
             self.kind[n] = DIV
             return largs[0]
         if name in _ZERO_METHODS or name in _NONZERO_METHODS:
-            if name in ("to", "type_as", "float") and out.dtype != torch.float32 and not out.is_floating_point():
+            if (
+                name in ("to", "type_as", "float")
+                and out.dtype != torch.float32
+                and not out.is_floating_point()
+            ):
                 raise ValueError("dtype change")
             return self._unary(n, name in _ZERO_METHODS, largs[0], out, name)
         if name in _RESHAPE_METHODS:
@@ -796,10 +823,11 @@ def _place_masks(an: _Analyzer, graph: fx.Graph) -> tuple[dict[fx.Node, int], bo
     """Decide mask points; freeze what cannot be made exactly zero. Returns (mask points, froze_any)."""
     # Frozen flags as of the start of this pass: a freeze made during the pass sets `froze`, and the
     # caller runs another pass, so only a pass that froze nothing (whose snapshot was exact) is kept.
-    frozen = an.atoms.frozen_flags()
+    # A trailing True: label -1 (no atom) indexes it and counts as frozen, with no masking copy.
+    frozen = torch.cat([an.atoms.frozen_flags(), torch.ones(1, dtype=torch.bool)])
 
     def prunable(n: fx.Node) -> bool:
-        return any(not bool(frozen[t[t >= 0]].all()) for t in _tree_tensors(an.labels.get(n)))
+        return any(not bool(frozen[t].all()) for t in _tree_tensors(an.labels.get(n)))
 
     zero: dict[fx.Node, bool] = {}
     masks: dict[fx.Node, int] = {}
@@ -809,18 +837,19 @@ def _place_masks(an: _Analyzer, graph: fx.Graph) -> tuple[dict[fx.Node, int], bo
         if n.op in ("placeholder", "output"):
             zero[n] = True
             continue
-        if not prunable(n):
-            zero[n] = True
-            continue
-        kind = an.kind.get(n, OPAQUE)
         tensor_inputs = [a for a in n.all_input_nodes if _tree_tensors(an.labels.get(a))]
-        # dense consumers need zero inputs on pruned channels
+        # Dense consumers need zero inputs on pruned channels. Checked before the shortcut below: a
+        # consumer whose own output is frozen (a classifier head) still mixes its input channels.
         if n.op == "call_module" and str(n.target) in consumers_of:
             for a in tensor_inputs:
                 if not zero.get(a, True):
                     atoms_in = an.labels[a]
                     an._freeze_all(atoms_in, str(a.name), f"no module to mask before {n.target}")
                     froze = True
+        if not prunable(n):
+            zero[n] = True
+            continue
+        kind = an.kind.get(n, OPAQUE)
         if kind in (SOURCE, AFFINE, NONZERO, PARAM):
             z = False
         elif kind == ZERO:
@@ -895,7 +924,9 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     return _build(an, gm, masks, tuple(example_input.shape[1:]))
 
 
-def _build(an: _Analyzer, gm: fx.GraphModule, masks: dict[fx.Node, int], input_shape: tuple[int, ...]) -> ChannelGraph:
+def _build(
+    an: _Analyzer, gm: fx.GraphModule, masks: dict[fx.Node, int], input_shape: tuple[int, ...]
+) -> ChannelGraph:
     atoms = an.atoms
     unit_of_root: dict[int, int] = {}
     units_by_space: dict[int, list[int]] = defaultdict(list)
@@ -1004,19 +1035,25 @@ def _build(an: _Analyzer, gm: fx.GraphModule, masks: dict[fx.Node, int], input_s
         axes = [d for d in range(u.dim()) if u.shape[d] > 1 and bool((u != u.narrow(d, 0, 1)).any())]
         if len(axes) != 1:
             raise AnalysisError(f"parameter {target} couples channels along several axes")
-        param_slices.append(ParamSlice(target, axes[0], tuple(u.movedim(axes[0], -1).reshape(-1, u.shape[axes[0]])[0].tolist())))
+        param_slices.append(
+            ParamSlice(
+                target, axes[0], tuple(u.movedim(axes[0], -1).reshape(-1, u.shape[axes[0]])[0].tolist())
+            )
+        )
 
+    # channels frozen per reason: the widest tensor a layer reads or writes with that reason's channels
     frozen_counts: dict[tuple[str, str], int] = defaultdict(int)
-    seen_roots: set[int] = set()
     for r in an.records:
         for t in (r.in_atoms, r.out_atoms):
             if t is None:
                 continue
+            per_reason: dict[tuple[str, str], int] = defaultdict(int)
             for a in t.tolist():
                 root = atoms.find(a) if a >= 0 else -1
-                if root >= 0 and root in atoms.frozen and root not in seen_roots:
-                    seen_roots.add(root)
-                    frozen_counts[atoms.frozen[root]] += 1
+                if root >= 0 and root in atoms.frozen:
+                    per_reason[atoms.frozen[root]] += 1
+            for key, count in per_reason.items():
+                frozen_counts[key] = max(frozen_counts[key], count)
     frozen = tuple(
         FrozenChannels(where, reason, count) for (where, reason), count in sorted(frozen_counts.items())
     )

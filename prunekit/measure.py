@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from prunekit import models
-from prunekit.errors import CheckpointError, ConfigError, ExportError
+from prunekit.errors import ConfigError, ExportError
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -257,12 +257,28 @@ def report_target(
 def _load_report_target(
     target: str, weights: str | None = None, num_classes: int | None = None
 ) -> models.LoadedModel:
-    """Hook: turn a report target into a loaded model. Model names work now; prunekit checkpoints
-    (.pt / .pth files) are to be loaded here once checkpoint.py exists."""
-    if target.lower().endswith((".pt", ".pth")):
-        if not Path(target).is_file():
-            raise CheckpointError(f"checkpoint not found: {target}")
-        raise CheckpointError("checkpoint reports are not supported yet")
+    """Turn a report target into a loaded model: a torchvision model name, or a prunekit checkpoint
+    (.pt / .pth) measured as the architecture it holds (a gated model without its gate hooks, a slim
+    model at its reduced widths)."""
+    if target.lower().endswith((".pt", ".pth")) or Path(target).is_file():
+        if weights is not None or num_classes is not None:
+            raise ConfigError("--weights and --num-classes apply to model names, not to checkpoints")
+        from prunekit.checkpoint import load_checkpoint
+        from prunekit.gates import get_gates, remove_gates_
+
+        ckpt = load_checkpoint(Path(target))
+        if get_gates(ckpt.model) is not None:
+            remove_gates_(ckpt.model)
+        spec = ckpt.spec
+        return models.LoadedModel(
+            ckpt.model,
+            spec.arch,
+            f"{target} ({ckpt.stage})",
+            spec.num_classes,
+            spec.input_size,
+            spec.mean,
+            spec.std,
+        )
     return models.load_model(target, weights=weights, num_classes=num_classes)
 
 

@@ -71,10 +71,14 @@ class ChannelPlan:
             raise ConfigError(f"unsupported plan version {data.get('version')!r}")
         try:
             groups = data["groups"]
+            if not isinstance(groups, list):
+                raise TypeError(f"'groups' must be a list, got {type(groups).__name__}")
             names = tuple(str(g["name"]) for g in groups)
-            units = tuple(int(g["units"]) for g in groups)
-            keep = tuple(tuple(sorted({int(k) for k in g["keep"]})) for g in groups)
-        except (KeyError, TypeError, ValueError) as exc:
+            units = tuple(_integer(g["units"], "units") for g in groups)
+            keep = tuple(tuple(sorted({_integer(k, "keep") for k in g["keep"]})) for g in groups)
+        except KeyError as exc:
+            raise ConfigError(f"malformed channel plan: missing key {exc}") from exc
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"malformed channel plan: {exc}") from exc
         for name, n, kept in zip(names, units, keep, strict=True):
             if not kept:
@@ -99,6 +103,13 @@ class ChannelPlan:
         return cls.from_dict(data)
 
 
+def _integer(value: Any, what: str) -> int:
+    """JSON integers only: 1.5 or true as a unit index is a broken file, not something to truncate."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be integers, got {value!r}")
+    return value
+
+
 def full_plan(graph: ChannelGraph) -> ChannelPlan:
     return _plan(graph, [tuple(range(g.units)) for g in graph.groups])
 
@@ -113,13 +124,20 @@ def _plan(graph: ChannelGraph, keep: Sequence[Sequence[int]]) -> ChannelPlan:
 
 def round_units(group: ChannelGroup, wanted: int, *, round_to: int = 8, min_channels: int = 8) -> int:
     """Units to keep: `wanted` rounded to the nearest multiple of `round_to` channels where the group is
-    large enough, at least `min_channels` channels (or the whole group if smaller), at least one unit."""
+    large enough (or to the whole group, the original width, when that is nearer), at least `min_channels`
+    channels (or the whole group if smaller), at least one unit."""
     width = group.unit_width
     step = max(1, math.ceil(round_to / width)) if group.units * width >= 2 * round_to else 1
     floor_units = min(group.units, max(1, math.ceil(min_channels / width)))
     n = max(wanted, floor_units)
-    n = int(round(n / step)) * step if step > 1 else n
-    n = max(n, step if step <= group.units else group.units, floor_units)
+    if step > 1:
+        rounded = int(round(n / step)) * step
+        # A group whose width is no multiple of `round_to` (20 channels) must still be kept whole when
+        # asked for all of it, not rounded down to 16.
+        if rounded > group.units or group.units - n < abs(n - rounded):
+            rounded = group.units
+        n = rounded
+    n = max(n, min(step, group.units), floor_units)
     return min(n, group.units)
 
 
@@ -167,7 +185,7 @@ def random_plan(
     return fraction_plan(graph, fraction, scores, round_to=round_to, min_channels=min_channels)
 
 
-def magnitude_scores(model: "nn.Module", graph: ChannelGraph) -> list[float]:
+def magnitude_scores(model: nn.Module, graph: ChannelGraph) -> list[float]:
     """Importance of every unit: mean |BatchNorm scale| over its BN positions where it has any, else the
     mean L2 norm of the filters that produce it (the classic magnitude criteria)."""
     import torch
@@ -191,21 +209,30 @@ def magnitude_scores(model: "nn.Module", graph: ChannelGraph) -> list[float]:
                     if u >= 0:
                         w_sum[u] += v
                         w_n[u] += 1
-    return [bn_sum[u] / bn_n[u] if bn_n[u] else (w_sum[u] / w_n[u] if w_n[u] else 0.0) for u in range(graph.num_units)]
+    return [
+        bn_sum[u] / bn_n[u] if bn_n[u] else (w_sum[u] / w_n[u] if w_n[u] else 0.0)
+        for u in range(graph.num_units)
+    ]
 
 
 def magnitude_plan(
-    model: "nn.Module", graph: ChannelGraph, fraction: float, *, round_to: int = 8, min_channels: int = 8
+    model: nn.Module, graph: ChannelGraph, fraction: float, *, round_to: int = 8, min_channels: int = 8
 ) -> ChannelPlan:
     """Keep about `fraction` of every group, largest magnitude first (a baseline to compare with)."""
-    return fraction_plan(graph, fraction, magnitude_scores(model, graph), round_to=round_to, min_channels=min_channels)
+    return fraction_plan(
+        graph, fraction, magnitude_scores(model, graph), round_to=round_to, min_channels=min_channels
+    )
 
 
 def plan_from_units(graph: ChannelGraph, keep: Sequence[bool]) -> ChannelPlan:
     """The plan keeping exactly the given units (e.g. the units whose gates are open)."""
     if len(keep) != graph.num_units:
         raise ConfigError(f"{len(keep)} unit decisions for {graph.num_units} units")
-    return _plan(graph, [[k for k in range(g.units) if keep[g.offset + k]] for g in graph.groups])
+    kept = [[k for k in range(g.units) if keep[g.offset + k]] for g in graph.groups]
+    for group, k in zip(graph.groups, kept, strict=True):
+        if not k:
+            raise ConfigError(f"the decisions keep no channel of group {group.name}; a layer cannot be empty")
+    return _plan(graph, kept)
 
 
 __all__ = [

@@ -69,7 +69,9 @@ def _like_conv(m: nn.Conv2d, cin: int, cout: int, groups: int) -> nn.Conv2d:
 
 def _slim_linear(m: nn.Linear, s: ModuleSlice, keep: Sequence[bool]) -> nn.Module:
     k_in, k_out = _kept_positions(s.in_units, keep), _kept_positions(s.out_units, keep)
-    new = nn.Linear(len(k_in), len(k_out), bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    new = nn.Linear(
+        len(k_in), len(k_out), bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype
+    )
     with torch.no_grad():
         new.weight.copy_(_index(_index(m.weight, 0, k_out), 1, k_in))
         if m.bias is not None:
@@ -79,13 +81,15 @@ def _slim_linear(m: nn.Linear, s: ModuleSlice, keep: Sequence[bool]) -> nn.Modul
 
 def _slim_batchnorm(m: nn.modules.batchnorm._BatchNorm, s: ModuleSlice, keep: Sequence[bool]) -> nn.Module:
     k = _kept_positions(s.in_units, keep)
+    ref = m.weight if m.affine else m.running_mean  # None only with neither affine nor running stats
     new = type(m)(
         len(k),
         eps=m.eps,
         momentum=m.momentum,
         affine=m.affine,
         track_running_stats=m.track_running_stats,
-        device=(m.weight if m.affine else m.running_mean).device,
+        device=None if ref is None else ref.device,
+        dtype=None if ref is None else ref.dtype,  # a float64 or bfloat16 model stays so
     )
     with torch.no_grad():
         if m.affine:
@@ -159,7 +163,9 @@ def mask_hook(point: MaskPoint, unit_values: Callable[[], torch.Tensor]) -> Call
         values = unit_values()
         idx = index_on.get(values.device)
         if idx is None:
-            idx = index_on[values.device] = torch.where(units >= 0, units, values.shape[1] - 1).to(values.device)
+            idx = index_on[values.device] = torch.where(units >= 0, units, values.shape[1] - 1).to(
+                values.device
+            )
         shape = [1] * out.dim()
         shape[0] = values.shape[0]
         shape[point.axis] = idx.shape[0]
@@ -194,7 +200,11 @@ class Parity:
         return self.max_abs_diff <= self.tolerance
 
     def to_dict(self) -> dict[str, float]:
-        return {"max_abs_diff": self.max_abs_diff, "max_abs_ref": self.max_abs_ref, "tolerance": self.tolerance}
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "max_abs_ref": self.max_abs_ref,
+            "tolerance": self.tolerance,
+        }
 
 
 def compare_outputs(reference: torch.Tensor, candidate: torch.Tensor, rtol: float = 1e-4) -> Parity:

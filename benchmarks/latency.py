@@ -1,0 +1,136 @@
+"""Benchmark (issue: slim/export): does halving the MACs halve the latency?
+
+For each model (random weights; the speed of a dense model does not depend on its values), slim to
+about `--target` of its MACs with a magnitude plan (per-group widths rounded to multiples of 8), export
+the original and the slimmed model to ONNX, and time both in onnxruntime, interleaved, with fixed
+threads. Prints the MACs ratio next to the latency ratio and the figure of merit
+    efficiency = latency speedup / MACs reduction   (aim: >= 0.85)
+
+    .venv/bin/python benchmarks/latency.py --models resnet18,resnet50 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from prunekit.export import export_onnx
+from prunekit.graph import analyze
+from prunekit.measure import count_macs
+from prunekit.models import build_model, example_input
+from prunekit.plan import magnitude_plan
+from prunekit.slim import slim_
+
+
+def plan_for_target(model, graph, target: float):  # noqa: ANN001, ANN201
+    """Largest uniform keep fraction whose plan stays within `target` of the MACs (bisection)."""
+    lo, hi = 0.05, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        plan = magnitude_plan(model, graph, mid)
+        if graph.macs(plan.unit_mask(graph)) <= target * graph.macs():
+            lo = mid
+        else:
+            hi = mid
+    return magnitude_plan(model, graph, lo)
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def interleaved_ms(
+    sessions: dict[str, ort.InferenceSession], x: np.ndarray, repeats: int
+) -> dict[str, float]:
+    for s in sessions.values():
+        for _ in range(5):
+            s.run(None, {s.get_inputs()[0].name: x})
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, {s.get_inputs()[0].name: x})
+            times[k].append(1000 * (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet18,resnet50")
+    ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models.split(","):
+        model = build_model(name)
+        x = example_input(name, input_size=args.size)
+        graph = analyze(model, x)
+        plan = plan_for_target(model, graph, args.target)
+        slim = slim_(copy.deepcopy(model), graph, plan).eval()
+        macs = (count_macs(model, x).total_macs, count_macs(slim, x).total_macs)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {k: Path(tmp) / f"{k}.onnx" for k in ("original", "slim")}
+            for p, m in zip(paths.values(), (model, slim), strict=True):
+                export_onnx(m, p, input_shape=(3, args.size, args.size))
+            sessions = {k: session(p, args.threads) for k, p in paths.items()}
+            batch = (
+                np.random.default_rng(0)
+                .standard_normal((args.batch, 3, args.size, args.size))
+                .astype(np.float32)
+            )
+            ms = interleaved_ms(sessions, batch, args.repeats)
+        mac_ratio = macs[1] / macs[0]
+        lat_ratio = ms["slim"] / ms["original"]
+        row = {
+            "model": name,
+            "input": args.size,
+            "batch": args.batch,
+            "threads": args.threads,
+            "macs_original": macs[0],
+            "macs_slim": macs[1],
+            "macs_ratio": mac_ratio,
+            "ms_original": ms["original"],
+            "ms_slim": ms["slim"],
+            "latency_ratio": lat_ratio,
+            "efficiency": (1 / lat_ratio) / (1 / mac_ratio),
+        }
+        rows.append(row)
+        print(
+            f"{name:10s} MACs {macs[0] / 1e9:.3f}G -> {macs[1] / 1e9:.3f}G (x{mac_ratio:.3f})  "
+            f"onnxruntime {ms['original']:.2f} ms -> {ms['slim']:.2f} ms (x{lat_ratio:.3f})  "
+            f"speedup/MACs-reduction {row['efficiency']:.2f}",
+            flush=True,
+        )
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": "python benchmarks/latency.py "
+                    + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
