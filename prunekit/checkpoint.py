@@ -7,6 +7,7 @@ strictly. A truncated, foreign or inconsistent file is a CheckpointError with on
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,16 +115,29 @@ def read_checkpoint_data(path: Path) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch file ({reason[:160]})") from exc
-    except Exception as exc:  # the unpickler refuses anything that is not plain data
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: corrupt or not a torch file ({reason[:160]})"
+        ) from exc
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything that is not plain data
+        if "global" in str(exc).lower():
+            raise CheckpointError(
+                f"refusing to read {path}: it holds pickled Python objects, not plain data (loading it could "
+                "run code; prunekit checkpoints never need that)"
+            ) from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: corrupt or not a torch file (bad pickle)"
+        ) from exc
+    except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not a prunekit checkpoint (a plain state_dict? pass it as --weights to `prunekit gate`)"
+            f"{path} is not a prunekit checkpoint "
+            "(a plain state_dict? pass it as --weights to `prunekit gate`)"
         )
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format {data.get('format_version')!r}; this prunekit reads {FORMAT_VERSION}"
+            f"{path} has checkpoint format {data.get('format_version')!r}; "
+            f"this prunekit reads {FORMAT_VERSION}"
         )
     return data
 
@@ -205,4 +219,11 @@ def _load_state_strict(model: nn.Module, state_dict: Any, path: Path, arch: str)
     model.load_state_dict(state_dict, strict=True)
 
 
-__all__ = ["Checkpoint", "ModelSpec", "example_batch", "load_checkpoint", "read_checkpoint_data", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "ModelSpec",
+    "example_batch",
+    "load_checkpoint",
+    "read_checkpoint_data",
+    "save_checkpoint",
+]

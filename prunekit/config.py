@@ -1,10 +1,10 @@
 """The `prunekit run` config file (TOML): one section per stage, every key optional but the model's.
 
-    [model]      arch, weights, num_classes, input_size, mean, std
-    [gates]      granularity, min_keep
-    [finetune]   data, target_macs, epochs, batch_size, lr, gate_lr, lam, tau, ... (FinetuneConfig)
-    [slim]       export ("onnx" | "none"), opset, latency, threads
-    [ci]         max_accuracy_drop (percentage points; the run fails with exit code 3 beyond it)
+[model]      arch, weights, num_classes, input_size, mean, std
+[gates]      granularity, min_keep
+[finetune]   data, target_macs, epochs, batch_size, lr, gate_lr, lam, tau, ... (FinetuneConfig)
+[slim]       export ("onnx" | "none"), opset, latency, threads
+[ci]         max_accuracy_drop (percentage points; the run fails with exit code 3 beyond it)
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class RunConfig:
         }
 
 
-def _section(data: dict[str, Any], name: str, cls: type, renames: dict[str, str] | None = None) -> dict[str, Any]:
+def _section(
+    data: dict[str, Any], name: str, cls: type, renames: dict[str, str] | None = None
+) -> dict[str, Any]:
     raw = data.get(name, {})
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table")
@@ -90,11 +92,11 @@ def parse_run_config(data: dict[str, Any], overrides: dict[str, Any] | None = No
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))} in the config")
     model = _section(data, "model", ModelConfig)
     if "arch" not in model:
-        raise ConfigError("the config needs [model] arch = \"<torchvision model name>\"")
+        raise ConfigError('the config needs [model] arch = "<torchvision model name>"')
     ft = dict(data.get("finetune", {}))
     dataset = ft.pop("data", None)
     if dataset is None:
-        raise ConfigError("the config needs [finetune] data = \"builtin\" or a folder")
+        raise ConfigError('the config needs [finetune] data = "builtin" or a folder')
     if "target_macs" not in ft and "target-macs" not in ft:
         raise ConfigError("the config needs [finetune] target_macs = <fraction of MACs to keep>")
     ft_args = _section({"finetune": ft}, "finetune", FinetuneConfig, {"lambda": "lam"})

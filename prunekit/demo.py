@@ -25,8 +25,14 @@ DEMO_INPUT = 32
 
 
 def pretrain(
-    out: Path, *, epochs: int = 4, batch_size: int = 128, lr: float = 0.05, seed: int = 0,
-    device: str = "auto", on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    out: Path,
+    *,
+    epochs: int = 4,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    device: str = "auto",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train resnet18 from scratch on the built-in data; save its state_dict to `out`."""
     from prunekit.data import resolve_data
@@ -35,8 +41,14 @@ def pretrain(
     torch.manual_seed(seed)
     dev = resolve_device(device)
     # the pipeline normalises a local weights file with ImageNet statistics: train with the same
-    loaders = resolve_data("builtin", input_size=DEMO_INPUT, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                           batch_size=batch_size, seed=seed)
+    loaders = resolve_data(
+        "builtin",
+        input_size=DEMO_INPUT,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        batch_size=batch_size,
+        seed=seed,
+    )
     model = build_model(DEMO_ARCH, loaders.num_classes).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = epochs * len(loaders.train)
@@ -70,9 +82,12 @@ def demo_config(weights: Path, *, finetune_epochs: int = 2, max_accuracy_drop: f
 
 
 def run_demo(
-    out_dir: Path, *, pretrain_epochs: int = 4, finetune_epochs: int = 2,
+    out_dir: Path,
+    *,
+    pretrain_epochs: int = 4,
+    finetune_epochs: int = 2,
     on_pretrain: Callable[[dict[str, Any]], None] | None = None,
-    callbacks: FinetuneCallbacks = FinetuneCallbacks(),
+    callbacks: FinetuneCallbacks | None = None,
     on_stage: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)

@@ -58,7 +58,10 @@ class FinetuneConfig:
             (self.tau > 0 and (self.tau_end is None or self.tau_end > 0), "--tau must be positive"),
             (0.0 < self.decide_at <= 1.0, f"--decide-at must be in (0, 1], got {self.decide_at}"),
             (0.0 <= self.distill <= 1.0, f"--distill must be in [0, 1], got {self.distill}"),
-            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device}"),
+            (
+                self.device in ("auto", "cpu", "cuda"),
+                f"--device must be auto, cpu or cuda, got {self.device}",
+            ),
             (self.workers >= 0, "--workers must be >= 0"),
         ]
         for ok, message in checks:
@@ -117,7 +120,13 @@ class Trainer:
         steps_per_epoch: int,
         teacher: nn.Module | None = None,
     ) -> None:
-        self.model, self.bank, self.mac_model, self.budget, self.config = model, bank, mac_model, budget, config
+        self.model, self.bank, self.mac_model, self.budget, self.config = (
+            model,
+            bank,
+            mac_model,
+            budget,
+            config,
+        )
         self.device = resolve_device(config.device)
         self.teacher = teacher
         self.model.to(self.device)
@@ -126,8 +135,12 @@ class Trainer:
             teacher.to(self.device).eval()
         gate_params = [bank.logits]
         weights = [p for n, p in model.named_parameters() if not n.startswith("prunekit_gates.")]
-        self.opt = torch.optim.SGD(weights, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-        self.gate_opt = torch.optim.Adam(gate_params, lr=config.gate_lr, weight_decay=config.gate_weight_decay)
+        self.opt = torch.optim.SGD(
+            weights, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        )
+        self.gate_opt = torch.optim.Adam(
+            gate_params, lr=config.gate_lr, weight_decay=config.gate_weight_decay
+        )
         self.total_steps = max(1, steps_per_epoch * config.epochs)
         self.decide_step = min(self.total_steps, max(1, round(config.decide_at * self.total_steps)))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -203,7 +216,9 @@ class Trainer:
         self.decided = True
 
     # -- loops ----------------------------------------------------------------------------------
-    def train_one_epoch(self, loader: Any, on_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+    def train_one_epoch(
+        self, loader: Any, on_step: Callable[[dict[str, float]], None] | None = None
+    ) -> dict[str, float]:
         model, bank, cfg = self.model, self.bank, self.config
         model.train()
         if self.decided:
@@ -224,7 +239,14 @@ class Trainer:
                 if self.teacher is not None and cfg.distill > 0:
                     with torch.no_grad():
                         soft = self.teacher(x).float()
-                    kd = F.kl_div(F.log_softmax(logits.float() / 2, 1), F.softmax(soft / 2, 1), reduction="batchmean") * 4
+                    kd = (
+                        F.kl_div(
+                            F.log_softmax(logits.float() / 2, 1),
+                            F.softmax(soft / 2, 1),
+                            reduction="batchmean",
+                        )
+                        * 4
+                    )
                     loss = (1 - cfg.distill) * ce + cfg.distill * kd
             b = self.mac_model(bank.current) / self.mac_model.full
             act = activation_loss(b, self.budget.t, cfg.one_sided)
@@ -250,7 +272,9 @@ class Trainer:
             sums["correct"] += float((logits.argmax(1) == y).sum())
             sums["n"] += n
             if on_step is not None:
-                on_step({"step": i + 1, "loss": loss.item(), "b": b.mean().item(), "decided": float(self.decided)})
+                on_step(
+                    {"step": i + 1, "loss": loss.item(), "b": b.mean().item(), "decided": float(self.decided)}
+                )
         if not self.decided and self.step >= self.decide_step:
             self.decide()
         n = max(1.0, sums["n"])
@@ -266,7 +290,9 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, device: torch.device, max_batches: int | None = None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loader: Any, device: torch.device, max_batches: int | None = None
+) -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) in eval mode (deterministic gates)."""
     was = model.training
     model.eval()
@@ -289,7 +315,9 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, max_batches: i
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device, batches: int) -> None:
     """Re-estimate BatchNorm running statistics with the current (deterministic) gates."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not bns or batches <= 0:
         return
     saved = {m: m.momentum for m in bns}
@@ -313,7 +341,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device, b
 
 
 def make_budget(bank: GateBank, mac_model: MacModel, total_macs: float, target: float) -> MacBudget:
-    fixed_only = bank.unit_values(bank.fixed_on.to(bank.logits.dtype).unsqueeze(0)).to(next(mac_model.buffers()).device)
+    fixed_only = bank.unit_values(bank.fixed_on.to(bank.logits.dtype).unsqueeze(0)).to(
+        next(mac_model.buffers()).device
+    )
     min_fraction = float(mac_model(fixed_only)[0]) / mac_model.full if mac_model.full else 1.0
     return target_to_budget(target, total_macs, mac_model.full, min_fraction)
 
@@ -327,39 +357,43 @@ def finetune(
     on_step: Callable[[dict[str, float]], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> list[EpochMetrics]:
-    """Run the remaining epochs; `save(trainer, metrics, interrupted)` is called after each epoch and on
-    Ctrl-C (then a TrainingError follows, so the CLI exits non-zero with a resumable checkpoint)."""
+    """Run the remaining epochs; `save(trainer, metrics, interrupted)` is called after each epoch. Ctrl-C
+    anywhere in an epoch raises Interrupted (exit code 130); the caller saves a resumable checkpoint."""
     history: list[EpochMetrics] = []
     cfg = trainer.config
     while trainer.epoch < cfg.epochs:
         try:
-            stats = trainer.train_one_epoch(train_loader, on_step)
+            history.append(_one_epoch(trainer, train_loader, val_loader, on_step))
         except KeyboardInterrupt:
             raise Interrupted() from None
-        trainer.epoch += 1
-        if cfg.bn_recalibrate:
-            recalibrate_batchnorm(trainer.model, train_loader, trainer.device, cfg.bn_recalibrate)
-        val_acc, val_loss = evaluate(trainer.model, val_loader, trainer.device)
-        b = trainer.decision_fraction()
-        m = EpochMetrics(
-            epoch=trainer.epoch,
-            loss=stats["loss"],
-            ce=stats["ce"],
-            act_loss=stats["act"],
-            train_acc=stats["acc"],
-            val_acc=val_acc,
-            val_loss=val_loss,
-            macs_fraction=trainer.budget.total_fraction(b),
-            gateable_fraction=b,
-            decided=trainer.decided,
-            seconds=stats["seconds"],
-            images_per_s=stats["images_per_s"],
-        )
-        history.append(m)
-        save(trainer, m, False)
+        save(trainer, history[-1], False)
         if on_epoch is not None:
-            on_epoch(m)
+            on_epoch(history[-1])
     return history
+
+
+def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: Any) -> EpochMetrics:
+    cfg = trainer.config
+    stats = trainer.train_one_epoch(train_loader, on_step)
+    if cfg.bn_recalibrate:
+        recalibrate_batchnorm(trainer.model, train_loader, trainer.device, cfg.bn_recalibrate)
+    val_acc, val_loss = evaluate(trainer.model, val_loader, trainer.device)
+    b = trainer.decision_fraction()
+    trainer.epoch += 1  # only once the epoch is evaluated: an interrupted one is redone on --resume
+    return EpochMetrics(
+        epoch=trainer.epoch,
+        loss=stats["loss"],
+        ce=stats["ce"],
+        act_loss=stats["act"],
+        train_acc=stats["acc"],
+        val_acc=val_acc,
+        val_loss=val_loss,
+        macs_fraction=trainer.budget.total_fraction(b),
+        gateable_fraction=b,
+        decided=trainer.decided,
+        seconds=stats["seconds"],
+        images_per_s=stats["images_per_s"],
+    )
 
 
 class Interrupted(PrunekitError):

@@ -60,15 +60,24 @@ class GateLayout:
         return len(self.gate_group)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"unit_gate": list(self.unit_gate), "gate_group": list(self.gate_group), "fixed_on": list(self.fixed_on)}
+        return {
+            "unit_gate": list(self.unit_gate),
+            "gate_group": list(self.gate_group),
+            "fixed_on": list(self.fixed_on),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateLayout:
-        return cls(tuple(int(x) for x in d["unit_gate"]), tuple(int(x) for x in d["gate_group"]),
-                   tuple(bool(x) for x in d["fixed_on"]))
+        return cls(
+            tuple(int(x) for x in d["unit_gate"]),
+            tuple(int(x) for x in d["gate_group"]),
+            tuple(bool(x) for x in d["fixed_on"]),
+        )
 
 
-def make_layout(graph: ChannelGraph, config: GateConfig, importance: Sequence[float] | None = None) -> GateLayout:
+def make_layout(
+    graph: ChannelGraph, config: GateConfig, importance: Sequence[float] | None = None
+) -> GateLayout:
     """Split every group into gates of about `granularity` channels, most important units first.
 
     The first gate of every group is always on (as in the paper), so no group can vanish; `min_keep`

@@ -237,6 +237,7 @@ def report_target(
         return _report_onnx(target, input_size, latency, threads, weights, num_classes)
     loaded = _load_report_target(target, weights=weights, num_classes=num_classes)
     inputs = models.example_input(loaded, batch=1, input_size=input_size)
+    models.check_runs(loaded.model, loaded.arch, inputs)
     mac_report = count_macs(loaded.model, inputs)
     timing = torch_latency_ms(loaded.model, inputs, threads) if latency else None
     return TargetReport(

@@ -179,6 +179,20 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
+def check_runs(model: nn.Module, arch: str, x: torch.Tensor) -> None:
+    """A user's --input-size can be too small for the architecture (or fixed by it, as for ViTs): say so
+    in one line instead of failing deep inside analysis with a traceback."""
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        size = "x".join(str(d) for d in x.shape[-2:])
+        raise ConfigError(
+            f"{arch} does not run on {size} inputs ({reason}); pick another --input-size"
+        ) from exc
+
+
 def example_input(
     loaded_or_arch: LoadedModel | str, batch: int = 1, input_size: int | None = None
 ) -> torch.Tensor:

@@ -50,8 +50,11 @@ class MacModel(nn.Module):
         linear = [t for t in gateable if t.kind != "dense"]
         self.num_units = graph.num_units
         self.n_dense, self.n_linear = len(dense), len(linear)
-        for prefix, lists in (("in", [t.in_units for t in dense]), ("out", [t.out_units for t in dense]),
-                              ("lin", [t.units for t in linear])):
+        for prefix, lists in (
+            ("in", [t.in_units for t in dense]),
+            ("out", [t.out_units for t in dense]),
+            ("lin", [t.units for t in linear]),
+        ):
             fixed, terms, units, counts = _sparse(lists)
             self.register_buffer(f"{prefix}_fixed", fixed.float(), persistent=False)
             self.register_buffer(f"{prefix}_term", terms, persistent=False)
@@ -96,7 +99,9 @@ class MacBudget:
         return (self.fixed_macs + gateable_fraction * self.gateable_macs) / self.total_macs
 
 
-def target_to_budget(target_fraction: float, total_macs: float, gateable_macs: float, min_fraction: float) -> MacBudget:
+def target_to_budget(
+    target_fraction: float, total_macs: float, gateable_macs: float, min_fraction: float
+) -> MacBudget:
     """Convert "keep F of the model's MACs" into t; `min_fraction` is the smallest gateable fraction the
     gates can reach (fixed gates on, all others off)."""
     if not 0.0 < target_fraction < 1.0:

@@ -21,10 +21,19 @@ from torch import nn
 from prunekit.checkpoint import Checkpoint, ModelSpec, example_batch, load_checkpoint, save_checkpoint
 from prunekit.config import RunConfig
 from prunekit.errors import AccuracyGateError, CheckpointError, ConfigError
-from prunekit.fileio import atomic_write_text, check_writable
-from prunekit.finetune import EpochMetrics, FinetuneConfig, Interrupted, Trainer, evaluate, finetune, make_budget
+from prunekit.fileio import atomic_path, atomic_write_text, check_writable
+from prunekit.finetune import (
+    EpochMetrics,
+    FinetuneConfig,
+    Interrupted,
+    Trainer,
+    evaluate,
+    finetune,
+    make_budget,
+)
 from prunekit.gates import GateBank, GateConfig, get_gates, insert_gates_, make_layout, remove_gates_
 from prunekit.graph import ChannelGraph, analyze
+from prunekit.models import check_runs
 from prunekit.objective import MacModel
 from prunekit.plan import ChannelPlan, magnitude_scores, plan_from_units
 from prunekit.slim import masked, slim_, verify_slim
@@ -43,8 +52,12 @@ def _macs(model: nn.Module, spec: ModelSpec) -> tuple[int, int]:
 
 def group_widths(graph: ChannelGraph, plan: ChannelPlan | None) -> list[dict[str, Any]]:
     rows = []
-    for g, kept in zip(graph.groups, plan.keep if plan else [range(g.units) for g in graph.groups], strict=True):
-        rows.append({"group": g.name, "before": g.channels, "after": len(kept) * g.unit_width, "units": g.units})
+    for g, kept in zip(
+        graph.groups, plan.keep if plan else [range(g.units) for g in graph.groups], strict=True
+    ):
+        rows.append(
+            {"group": g.name, "before": g.channels, "after": len(kept) * g.unit_width, "units": g.units}
+        )
     return rows
 
 
@@ -54,23 +67,39 @@ def group_widths(graph: ChannelGraph, plan: ChannelPlan | None) -> list[dict[str
 
 
 def gate_stage(
-    arch: str, out: Path, *, weights: str | None = None, num_classes: int | None = None,
-    config: GateConfig = GateConfig(), input_size: int | None = None,
-    mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
+    arch: str,
+    out: Path,
+    *,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    config: GateConfig | None = None,
+    input_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Load a torchvision model, analyse it, insert gates and write the gated checkpoint. `mean`/`std`:
     the input normalisation the weights were trained with (default: the weights' own, else ImageNet's)."""
     from prunekit.models import load_model
 
     check_writable(out)
+    config = config or GateConfig()
+    torch.manual_seed(seed)  # reproducible random init (no weights, or a fresh --num-classes head)
     loaded = load_model(arch, weights=weights, num_classes=num_classes)
-    spec = ModelSpec(loaded.arch, loaded.num_classes, input_size or loaded.input_size, mean or loaded.mean,
-                     std or loaded.std, weights)
+    spec = ModelSpec(
+        loaded.arch,
+        loaded.num_classes,
+        input_size or loaded.input_size,
+        mean or loaded.mean,
+        std or loaded.std,
+        weights,
+    )
     return gate_model(loaded.model, spec, out, config)
 
 
 def gate_model(model: nn.Module, spec: ModelSpec, out: Path, config: GateConfig) -> dict[str, Any]:
     model.eval()
+    check_runs(model, spec.arch, example_batch(spec))
     macs, params = _macs(model, spec)
     graph = analyze(model, example_batch(spec))
     layout = make_layout(graph, config, magnitude_scores(model, graph))
@@ -115,8 +144,13 @@ def best_path(out: Path) -> Path:
 
 
 def finetune_stage(
-    gated: Path, data: str, out: Path, config: FinetuneConfig, *, resume: bool = False,
-    callbacks: FinetuneCallbacks = FinetuneCallbacks(),
+    gated: Path,
+    data: str,
+    out: Path,
+    config: FinetuneConfig,
+    *,
+    resume: bool = False,
+    callbacks: FinetuneCallbacks | None = None,
 ) -> dict[str, Any]:
     """Train gates and weights toward `config.target_macs`; checkpoint every epoch to `out` (last) and
     `<out>.best.pt` (best validation accuracy within the budget)."""
@@ -124,6 +158,7 @@ def finetune_stage(
     from prunekit.measure import count_macs
 
     check_writable(out)
+    callbacks = callbacks or FinetuneCallbacks()
     source = out if resume else gated
     if resume and not out.is_file():
         raise CheckpointError(f"--resume: no checkpoint to resume at {out}")
@@ -138,8 +173,13 @@ def finetune_stage(
     torch.manual_seed(config.seed)
     spec = ckpt.spec
     loaders = resolve_data(
-        data, input_size=spec.input_size, mean=spec.mean, std=spec.std, batch_size=config.batch_size,
-        workers=config.workers, seed=config.seed,
+        data,
+        input_size=spec.input_size,
+        mean=spec.mean,
+        std=spec.std,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        seed=config.seed,
     )
     if loaders.num_classes != spec.num_classes:
         raise ConfigError(
@@ -152,20 +192,35 @@ def finetune_stage(
     mac_model = MacModel(ckpt.graph)
     budget = make_budget(bank, mac_model, total_macs, config.target_macs)
     teacher = plain if config.distill > 0 else None
-    steps = len(loaders.train) if config.max_steps_per_epoch is None else min(len(loaders.train), config.max_steps_per_epoch)
+    steps = (
+        len(loaders.train)
+        if config.max_steps_per_epoch is None
+        else min(len(loaders.train), config.max_steps_per_epoch)
+    )
     trainer = Trainer(ckpt.model, bank, mac_model, budget, config, steps, teacher)
     history = list(ckpt.history)
     extra = dict(ckpt.extra)
     if resume:
         trainer.load_state(ckpt.training)  # type: ignore[arg-type]
+        if ckpt.training.get("train_loader_rng") is not None:  # type: ignore[union-attr]
+            # continue the shuffling where it stopped, as an uninterrupted run would
+            loaders.train.generator.set_state(ckpt.training["train_loader_rng"])  # type: ignore[index]
     else:
         acc, _ = evaluate(plain.to(trainer.device), loaders.val, trainer.device)
         extra["baseline"] = {"val_acc": acc, "macs": total_macs, "data": data}
     if callbacks.on_start:
-        callbacks.on_start({"device": str(trainer.device), "amp": trainer.amp, "t": budget.t,
-                            "target_macs": config.target_macs, "steps_per_epoch": steps,
-                            "baseline_val_acc": extra["baseline"]["val_acc"], "start_epoch": trainer.epoch,
-                            "gateable_fraction": budget.gateable_macs / budget.total_macs})
+        callbacks.on_start(
+            {
+                "device": str(trainer.device),
+                "amp": trainer.amp,
+                "t": budget.t,
+                "target_macs": config.target_macs,
+                "steps_per_epoch": steps,
+                "baseline_val_acc": extra["baseline"]["val_acc"],
+                "start_epoch": trainer.epoch,
+                "gateable_fraction": budget.gateable_macs / budget.total_macs,
+            }
+        )
     best_acc = max((h["val_acc"] for h in history if h.get("within_budget")), default=-1.0)
 
     def save(tr: Trainer, m: EpochMetrics | None, interrupted: bool) -> None:
@@ -175,16 +230,30 @@ def finetune_stage(
             row["within_budget"] = m.macs_fraction <= config.target_macs + 0.01
             history.append(row)
         finished = tr.epoch >= config.epochs and not interrupted
-        state = None if finished else tr.state()
-        out_ckpt = Checkpoint(spec, tr.model, ckpt.graph, "finetuned", history=history, training=state,
-                              extra=extra | {"finetune": config.to_dict(), "budget": vars(budget)})
+        state = None if finished else tr.state() | {"train_loader_rng": loaders.train.generator.get_state()}
+        out_ckpt = Checkpoint(
+            spec,
+            tr.model,
+            ckpt.graph,
+            "finetuned",
+            history=history,
+            training=state,
+            extra=extra | {"finetune": config.to_dict(), "budget": vars(budget)},
+        )
         save_checkpoint(out_ckpt, out)
         if m is not None and history[-1]["within_budget"] and m.val_acc > best_acc and m.decided:
             best_acc = m.val_acc
             save_checkpoint(out_ckpt, best_path(out))
 
     try:
-        finetune(trainer, loaders.train, loaders.val, save=save, on_step=callbacks.on_step, on_epoch=callbacks.on_epoch)
+        finetune(
+            trainer,
+            loaders.train,
+            loaders.val,
+            save=save,
+            on_step=callbacks.on_step,
+            on_epoch=callbacks.on_epoch,
+        )
     except Interrupted:
         save(trainer, None, True)
         raise Interrupted() from None
@@ -207,9 +276,18 @@ def finetune_stage(
 
 
 def slim_stage(
-    source: Path, out: Path, *, export: str = "onnx", plan_file: Path | None = None, data: str | None = None,
-    opset: int = 18, latency: bool = False, threads: int = 2, checkpoint_out: Path | None = None,
-    rtol: float = 1e-4, plan_out: Path | None = None,
+    source: Path,
+    out: Path,
+    *,
+    export: str = "onnx",
+    plan_file: Path | None = None,
+    data: str | None = None,
+    opset: int = 18,
+    latency: bool = False,
+    threads: int = 2,
+    checkpoint_out: Path | None = None,
+    rtol: float = 1e-4,
+    plan_out: Path | None = None,
 ) -> dict[str, Any]:
     """Decide, slim, verify against the gated model, save the slim checkpoint, export and check ONNX."""
     if export not in ("onnx", "none"):
@@ -239,7 +317,9 @@ def slim_stage(
         reference_model = ckpt.model
         plan_source = "gates"
     else:
-        raise CheckpointError(f"{source} has no gates: run `prunekit finetune` first, or pass --plan PLAN.json")
+        raise CheckpointError(
+            f"{source} has no gates: run `prunekit finetune` first, or pass --plan PLAN.json"
+        )
 
     plain = copy.deepcopy(reference_model)
     if get_gates(plain) is not None:
@@ -276,22 +356,40 @@ def slim_stage(
         device = torch.device("cpu")
         acc_slim, _ = evaluate(slim, loaders.val, device)
         base = ckpt.extra.get("baseline", {})
-        result["accuracy"] = {"slim": acc_slim, "original": base.get("val_acc") if base.get("data") == data else None}
+        result["accuracy"] = {
+            "slim": acc_slim,
+            "original": base.get("val_acc") if base.get("data") == data else None,
+        }
         if result["accuracy"]["original"] is None:
             result["accuracy"]["original"] = evaluate(plain, loaders.val, device)[0] if plan_file else None
 
-    slim_ckpt = Checkpoint(spec, slim, graph, "slim", plan=plan, history=ckpt.history,
-                           extra=ckpt.extra | {"slim_report": {k: v for k, v in result.items() if k != "widths"}})
-    if onnx_path is not None:
+    slim_ckpt = Checkpoint(
+        spec,
+        slim,
+        graph,
+        "slim",
+        plan=plan,
+        history=ckpt.history,
+        extra=ckpt.extra | {"slim_report": {k: v for k, v in result.items() if k != "widths"}},
+    )
+    if onnx_path is None:
+        save_checkpoint(slim_ckpt, ckpt_path)
+    else:
         from prunekit.export import export_onnx
 
-        exported = export_onnx(slim, onnx_path, input_shape=(3, spec.input_size, spec.input_size), opset=opset,
-                               inputs=inputs)
-        result["onnx"] = exported.to_dict()
-        result["onnx"]["size_bytes"] = os.path.getsize(onnx_path)
-        if latency:
-            result["latency"] = _latency_pair(plain, onnx_path, spec, opset, threads)
-    save_checkpoint(slim_ckpt, ckpt_path)
+        # export next to the target, save the checkpoint, and only then put the ONNX file in place: a
+        # failure anywhere leaves neither file half-done nor one without the other
+        with atomic_path(onnx_path) as staged:
+            exported = export_onnx(
+                slim, staged, input_shape=(3, spec.input_size, spec.input_size), opset=opset, inputs=inputs
+            )
+            result["onnx"] = exported.to_dict() | {
+                "path": str(onnx_path),
+                "size_bytes": os.path.getsize(staged),
+            }
+            if latency:
+                result["latency"] = _latency_pair(plain, staged, spec, opset, threads)
+            save_checkpoint(slim_ckpt, ckpt_path)
     result["checkpoint_bytes"] = os.path.getsize(ckpt_path)
     if plan_out is not None:
         plan.save(plan_out)
@@ -303,12 +401,20 @@ def slim_stage(
 # run: the whole job from one config
 # --------------------------------------------------------------------------------------------------
 
-RUN_FILES = {"gated": "gated.pt", "tuned": "tuned.pt", "onnx": "model.onnx", "slim": "model.pt",
-             "plan": "plan.json", "report": "report.json"}
+RUN_FILES = {
+    "gated": "gated.pt",
+    "tuned": "tuned.pt",
+    "onnx": "model.onnx",
+    "slim": "model.pt",
+    "plan": "plan.json",
+    "report": "report.json",
+}
 
 
 def run_pipeline(
-    config: RunConfig, out_dir: Path, callbacks: FinetuneCallbacks = FinetuneCallbacks(),
+    config: RunConfig,
+    out_dir: Path,
+    callbacks: FinetuneCallbacks | None = None,
     on_stage: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """gate -> finetune -> slim -> export into `out_dir`, then `report.json`. With `max_accuracy_drop`,
@@ -320,17 +426,33 @@ def run_pipeline(
         raise ConfigError(f"cannot create run directory {out_dir}: {exc.strerror or exc}") from exc
     files = {k: out_dir / v for k, v in RUN_FILES.items()}
     m = config.model
-    gate = gate_stage(m.arch, files["gated"], weights=m.weights, num_classes=m.num_classes,
-                      config=config.gates, input_size=m.input_size, mean=m.mean, std=m.std)
+    gate = gate_stage(
+        m.arch,
+        files["gated"],
+        weights=m.weights,
+        num_classes=m.num_classes,
+        config=config.gates,
+        input_size=m.input_size,
+        mean=m.mean,
+        std=m.std,
+    )
     if on_stage:
         on_stage("gate", gate)
     tuned = finetune_stage(files["gated"], config.data, files["tuned"], config.finetune, callbacks=callbacks)
     if on_stage:
         on_stage("finetune", tuned)
     exports = config.slim.export == "onnx"
-    slim = slim_stage(files["tuned"], files["onnx"] if exports else files["slim"], export=config.slim.export,
-                      data=config.data, opset=config.slim.opset, latency=config.slim.latency and exports,
-                      threads=config.slim.threads, checkpoint_out=files["slim"], plan_out=files["plan"])
+    slim = slim_stage(
+        files["tuned"],
+        files["onnx"] if exports else files["slim"],
+        export=config.slim.export,
+        data=config.data,
+        opset=config.slim.opset,
+        latency=config.slim.latency and exports,
+        threads=config.slim.threads,
+        checkpoint_out=files["slim"],
+        plan_out=files["plan"],
+    )
     if on_stage:
         on_stage("slim", slim)
     before = tuned["baseline_val_acc"]
@@ -371,11 +493,14 @@ def _maybe_loaders(data: str | None, spec: ModelSpec):  # noqa: ANN202
         return None
     from prunekit.data import resolve_data
 
-    return resolve_data(data, input_size=spec.input_size, mean=spec.mean, std=spec.std, batch_size=64,
-                        train_augment=False)
+    return resolve_data(
+        data, input_size=spec.input_size, mean=spec.mean, std=spec.std, batch_size=64, train_augment=False
+    )
 
 
-def _latency_pair(original: nn.Module, slim_onnx: Path, spec: ModelSpec, opset: int, threads: int) -> dict[str, Any]:
+def _latency_pair(
+    original: nn.Module, slim_onnx: Path, spec: ModelSpec, opset: int, threads: int
+) -> dict[str, Any]:
     """onnxruntime latency of the original and the slimmed export, measured side by side."""
     from prunekit.export import export_onnx
     from prunekit.measure import onnx_latency_ms
@@ -395,5 +520,13 @@ def _latency_pair(original: nn.Module, slim_onnx: Path, spec: ModelSpec, opset: 
     }
 
 
-__all__ = ["FinetuneCallbacks", "best_path", "finetune_stage", "gate_model", "gate_stage", "group_widths", "run_pipeline",
-           "slim_stage"]
+__all__ = [
+    "FinetuneCallbacks",
+    "best_path",
+    "finetune_stage",
+    "gate_model",
+    "gate_stage",
+    "group_widths",
+    "run_pipeline",
+    "slim_stage",
+]

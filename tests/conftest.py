@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the whole suite, and for the prunekit subprocesses it starts: the models
+    here are tiny, and on a small shared CPU OpenMP threads waiting on each other cost 5-30x more than
+    they gain. Restored afterwards."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -113,10 +113,14 @@ def test_corrupt_weights_file(tmp_path: Path) -> None:
     assert_user_error(invoke("report", "resnet18", "--weights", str(path)), "cannot read weights file")
 
 
-def test_checkpoint_hook_is_reported_as_not_supported_yet(tmp_path: Path) -> None:
+def test_corrupt_checkpoint_report_is_a_user_error(tmp_path: Path) -> None:
     path = tmp_path / "tuned.pt"
     path.write_bytes(b"placeholder")
-    assert_user_error(invoke("report", str(path)), "checkpoint reports are not supported yet")
+    assert_user_error(invoke("report", str(path)), "corrupt or not a torch file")
+
+
+def test_too_small_input_is_a_user_error() -> None:
+    assert_user_error(invoke("report", "alexnet", "--input-size", "16"), "does not run on 16x16 inputs")
 
 
 def test_missing_onnx_file(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +48,6 @@ FAST = [
 INPUT_SIZE: dict[str, int] = {"convnext_tiny": 32, "vgg11_bn": 32}  # default 64
 # Plan seeds, default (0, 1); vgg11_bn (133M parameters to copy) is the slowest.
 SEEDS: dict[str, tuple[int, ...]] = {"vgg11_bn": (0,)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small models: one thread is as fast, and far cheaper on a loaded machine, where idle OpenMP
-    threads spin. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

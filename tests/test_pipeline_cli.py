@@ -1,0 +1,570 @@
+"""The pipeline through the installed `prunekit` entry point: gate -> finetune -> slim -> ONNX, `run`
+from a config file with its accuracy gate, slimming from plan files, and bad input (exit 2, one line,
+no output left behind)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import prunekit
+from prunekit.checkpoint import example_batch, load_checkpoint
+from prunekit.cli import app
+from prunekit.config import load_run_config
+from prunekit.data import resolve_data
+from prunekit.finetune import evaluate
+from prunekit.gates import remove_gates_
+from prunekit.measure import count_macs
+from prunekit.plan import ChannelPlan, random_plan
+from prunekit.slim import masked
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+EXE = Path(sys.executable).parent / "prunekit"
+RUN_FILES = ("gated.pt", "tuned.pt", "model.onnx", "model.pt", "plan.json", "report.json")
+
+
+def prunekit_cli(
+    *args: str | Path, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    assert EXE.exists(), f"{EXE} missing: run `make venv` (pip install -e .)"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    return subprocess.run(
+        [str(EXE), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
+
+
+def ok_json(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+    """Exit code 0 and stdout that is exactly one JSON document."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.lstrip().startswith("{")
+    return json.loads(proc.stdout)  # raises on anything but exactly one document
+
+
+def make_image_folder(root: Path, classes: int, train: int, val: int, size: int = 32) -> Path:
+    """train/ and val/ trees of small PNGs; each class has its own mean colour, so it is learnable."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                base = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 31 + 160) % 256])
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data10(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data10"), classes=10, train=3, val=2)
+
+
+@pytest.fixture(scope="module")
+def data3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data3"), classes=3, train=2, val=1)
+
+
+# -- end to end through the installed entry point ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """gate -> finetune -> slim --export onnx on resnet18 @ 32 px with the built-in data, a few steps."""
+    d = tmp_path_factory.mktemp("e2e")
+    gate = prunekit_cli(
+        "gate", "resnet18", "--num-classes", "10", "--input-size", "32", "-o", "gated.pt", "--json", cwd=d
+    )
+    tune = prunekit_cli(
+        "finetune",
+        "gated.pt",
+        "-o",
+        "tuned.pt",
+        "--data",
+        "builtin",
+        "--target-macs",
+        "0.5",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--json",
+        cwd=d,
+    )
+    slim = prunekit_cli(
+        "slim", "tuned.pt", "--export", "onnx", "-o", "slim.onnx", "--save-plan", "plan.json", "--json", cwd=d
+    )
+    return {"dir": d, "gate": gate, "finetune": tune, "slim": slim}
+
+
+def test_e2e_exit_codes_and_json(e2e: dict[str, Any]) -> None:
+    d = e2e["dir"]
+    gate, tune, slim = (ok_json(e2e[k]) for k in ("gate", "finetune", "slim"))
+    assert gate["arch"] == "resnet18" and gate["output"] == "gated.pt"
+    assert gate["macs"] == 37_016_576  # fvcore, resnet18 with 10 classes at 32 px
+    assert tune["output"] == "tuned.pt" and len(tune["history"]) == 1
+    assert slim["checkpoint"] == "slim.pt" and slim["onnx"]["path"] == "slim.onnx"
+    for name in ("gated.pt", "tuned.pt", "slim.onnx", "slim.pt", "plan.json"):
+        assert (d / name).is_file(), name
+    assert not [p.name for p in d.iterdir() if p.name.endswith(".tmp")]
+    # progress goes to stderr as JSON lines, never to stdout
+    events = [
+        json.loads(line)["event"] for line in e2e["finetune"].stderr.splitlines() if line.startswith("{")
+    ]
+    assert events == ["start", "epoch"]
+
+
+def test_e2e_macs(e2e: dict[str, Any]) -> None:
+    gate, tune, slim = (json.loads(e2e[k].stdout) for k in ("gate", "finetune", "slim"))
+    assert slim["original"]["macs"] == gate["macs"] == tune["macs_before"]
+    assert slim["slim"]["macs"] < slim["original"]["macs"]
+    assert slim["slim"]["params"] < slim["original"]["params"]
+    # what fine-tuning promised is what slimming delivered, and it is on target
+    assert slim["slim"]["macs"] == pytest.approx(tune["expected_macs"], rel=0.01)
+    assert tune["final"]["macs_fraction"] <= 0.5 + 1e-9
+    assert slim["macs_ratio"] == pytest.approx(0.5, abs=0.05)
+    model = load_checkpoint(e2e["dir"] / "slim.pt").model
+    assert (
+        count_macs(model, example_batch(load_checkpoint(e2e["dir"] / "slim.pt").spec)).total_macs
+        == slim["slim"]["macs"]
+    )
+
+
+def test_e2e_onnx_matches_the_slim_checkpoint(e2e: dict[str, Any]) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    d = e2e["dir"]
+    onnx.checker.check_model(str(d / "slim.onnx"), full_check=True)
+    ckpt = load_checkpoint(d / "slim.pt")
+    assert ckpt.stage == "slim" and ckpt.gates is None and ckpt.plan is not None
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(7))  # not the export batch (2)
+    with torch.no_grad():
+        ref = ckpt.model(x).numpy()
+    session = ort.InferenceSession(str(d / "slim.onnx"), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert out.shape == (5, 10)
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_e2e_saved_plan_reproduces_the_slim_model(e2e: dict[str, Any], tmp_path: Path) -> None:
+    d = e2e["dir"]
+    plan = ChannelPlan.load(d / "plan.json")
+    result = CliRunner().invoke(
+        app,
+        [
+            "slim",
+            str(d / "tuned.pt"),
+            "--plan",
+            str(d / "plan.json"),
+            "--export",
+            "none",
+            "-o",
+            str(tmp_path / "again.pt"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["plan_source"] == str(d / "plan.json")
+    again, first = load_checkpoint(tmp_path / "again.pt"), load_checkpoint(d / "slim.pt")
+    assert again.plan == first.plan == plan
+    a, b = again.model.state_dict(), first.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- slimming from a plan file ----------------------------------------------------------------------
+
+
+def test_slim_gated_checkpoint_by_a_random_plan(e2e: dict[str, Any], tmp_path: Path) -> None:
+    gated = load_checkpoint(e2e["dir"] / "gated.pt")
+    plan = random_plan(gated.graph, 0.4, seed=3)
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "slim.pt"
+    result = CliRunner().invoke(
+        app,
+        [
+            "slim",
+            str(e2e["dir"] / "gated.pt"),
+            "--plan",
+            str(tmp_path / "plan.json"),
+            "--export",
+            "none",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["parity"]["max_abs_diff"] <= doc["parity"]["tolerance"]  # the command verified itself
+    assert doc["macs_ratio"] < 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "slim.pt"]
+
+    slim = load_checkpoint(out)
+    assert slim.plan == plan and slim.gates is None
+    plain = copy.deepcopy(gated.model)
+    remove_gates_(plain)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad(), masked(plain, gated.graph, plan):
+        reference = plain(x)
+    with torch.no_grad():
+        got = slim.model(x)
+    assert (got - reference).abs().max() <= 1e-4 * reference.abs().max()
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), reference, atol=1e-3)  # the plan really removed something
+
+
+# -- prunekit run -----------------------------------------------------------------------------------
+
+
+def _toml(data: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for section, table in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def tiny_run_config(path: Path, data: Path, **slim: Any) -> Path:
+    """examples/run.toml with tiny values: one epoch of two steps on a small ImageFolder."""
+    config = tomllib.loads((EXAMPLES / "run.toml").read_text())
+    config["finetune"] |= {
+        "data": str(data),
+        "epochs": 1,
+        "max_steps_per_epoch": 2,
+        "batch_size": 16,
+        "workers": 0,
+    }
+    config["slim"] |= {"latency": False, **slim}
+    config.pop("ci", None)
+    path.write_text(_toml(config))
+    return path
+
+
+def test_example_config_parses() -> None:
+    cfg = load_run_config(EXAMPLES / "run.toml")
+    assert (cfg.model.arch, cfg.model.num_classes, cfg.model.input_size) == ("resnet18", 10, 32)
+    assert cfg.data == "builtin" and 0 < cfg.finetune.target_macs < 1
+    assert cfg.slim.export == "onnx"
+    text = (EXAMPLES / "run.toml").read_text()
+    assert sum(line.lstrip().startswith("#") for line in text.splitlines()) >= 5  # documented
+
+
+def test_example_ci_script() -> None:
+    script = EXAMPLES / "ci.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = script.read_text()
+    assert "set -euo pipefail" in text and "prunekit" in text and "--json" in text
+    assert "3)" in text and "2)" in text  # tells the accuracy gate from bad input
+
+
+FAKE_PRUNEKIT = """#!/usr/bin/env bash
+if [ "$1" = "--version" ]; then echo "prunekit 0.0-fake"; exit 0; fi
+echo "$@" > "$FAKE_ARGS"
+echo '{"summary": {}}'
+echo "error: fake failure" >&2
+exit "$FAKE_RC"
+"""
+
+
+@pytest.mark.parametrize(
+    ("rc", "message"),
+    [(0, "passed"), (3, "ACCURACY GATE FAILED"), (2, "BAD INPUT"), (1, "a bug in prunekit")],
+)
+def test_example_ci_script_exit_codes(tmp_path: Path, rc: int, message: str) -> None:
+    fake = tmp_path / "prunekit"
+    fake.write_text(FAKE_PRUNEKIT)
+    fake.chmod(0o755)
+    env = os.environ | {
+        "PRUNEKIT": str(fake),
+        "FAKE_RC": str(rc),
+        "FAKE_ARGS": str(tmp_path / "args"),
+        "EXTRA_ARGS": "--epochs 1",
+    }
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(EXAMPLES / "ci.sh"), "my.toml", str(out), "1.5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == rc, proc.stderr
+    assert message in proc.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert args == [
+        "run",
+        "my.toml",
+        "--out-dir",
+        str(out),
+        "--max-accuracy-drop",
+        "1.5",
+        "--json",
+        "--epochs",
+        "1",
+    ]
+    assert json.loads((out / "result.json").read_text()) == {"summary": {}}
+
+
+@pytest.mark.slow
+def test_example_ci_script_for_real(data10: Path, tmp_path: Path) -> None:
+    config = tiny_run_config(tmp_path / "run.toml", data10, export="none")
+    env = os.environ | {"PRUNEKIT": str(EXE), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(EXAMPLES / "ci.sh"), str(config), str(out), "100"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["summary"]["passed"] is True
+    assert json.loads((out / "report.json").read_text())["summary"] == result["summary"]
+
+
+def test_example_workflow() -> None:
+    text = (EXAMPLES / "github-actions.yml").read_text()
+    for needle in ("pip install -c constraints.txt -e .", "examples/ci.sh", "actions/upload-artifact"):
+        assert needle in text
+    try:
+        import yaml  # type: ignore[import-untyped]
+    except ImportError:
+        return
+    workflow = yaml.safe_load(text)
+    assert "jobs" in workflow
+
+
+def test_run_writes_every_file_and_a_faithful_report(data10: Path, tmp_path: Path) -> None:
+    config = tiny_run_config(tmp_path / "run.toml", data10)
+    out = tmp_path / "run"
+    doc = ok_json(prunekit_cli("run", config, "--out-dir", out, "--max-accuracy-drop", "100", "--json"))
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"] == doc["summary"]
+    s = report["summary"]
+    assert s["passed"] is True and s["max_accuracy_drop"] == 100
+    assert s["macs_after"] < s["macs_before"]
+    assert s["accuracy_drop_points"] == pytest.approx(100 * (s["accuracy_before"] - s["accuracy_after"]))
+
+    # the numbers are those of the files
+    slim = load_checkpoint(out / "model.pt")
+    assert count_macs(slim.model, example_batch(slim.spec)).total_macs == s["macs_after"]
+    loaders = resolve_data(
+        str(data10), input_size=32, mean=slim.spec.mean, std=slim.spec.std, batch_size=64, train_augment=False
+    )
+    assert evaluate(slim.model, loaders.val, torch.device("cpu"))[0] == pytest.approx(s["accuracy_after"])
+    plain = load_checkpoint(out / "gated.pt").model
+    remove_gates_(plain)
+    assert evaluate(plain, loaders.val, torch.device("cpu"))[0] == pytest.approx(s["accuracy_before"])
+    assert ChannelPlan.load(out / "plan.json") == slim.plan
+    assert report["files"]["onnx"] == str(out / "model.onnx")
+
+
+def test_run_accuracy_gate_fails_with_exit_code_3(data10: Path, tmp_path: Path) -> None:
+    config = tiny_run_config(tmp_path / "run.toml", data10, export="none")
+    out = tmp_path / "run"
+    proc = prunekit_cli("run", config, "--out-dir", out, "--max-accuracy-drop", "-100")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0]
+    assert "lost" in errors[0] and "report.json" in errors[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["passed"] is False and report["summary"]["max_accuracy_drop"] == -100
+    assert (out / "model.pt").is_file() and not (out / "model.onnx").exists()
+
+
+# -- bad input: exit 2, one line, nothing written ---------------------------------------------------
+
+
+def assert_user_error(result: Any, *fragments: str) -> str:
+    """Exit code 2, nothing on stdout, exactly one `error: ...` line on stderr, no traceback."""
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    return result.stderr
+
+
+def _bad_cases(e2e: dict[str, Any], data3: Path, tmp: Path) -> dict[str, tuple[list[str], list[str], str]]:
+    """name -> (argv, outputs that must not appear or change, expected message fragment)."""
+    d = e2e["dir"]
+    corrupt = tmp / "corrupt.pt"
+    corrupt.write_bytes((d / "gated.pt").read_bytes()[:5000])
+    malformed = tmp / "bad.toml"
+    malformed.write_text("[model\narch = resnet18\n")
+    other_plan = tmp / "other_plan.json"
+    other_plan.write_text(
+        json.dumps(
+            {"format": "prunekit-plan", "version": 1, "groups": [{"name": "x", "units": 4, "keep": [0]}]}
+        )
+    )
+    ft = ["finetune", str(d / "gated.pt"), "--epochs", "1", "--max-steps", "1", "--workers", "0"]
+    return {
+        "slim-a-slim-checkpoint": (
+            ["slim", str(d / "slim.pt"), "-o", "out.onnx"],
+            ["out.onnx", "out.pt"],
+            "already slimmed",
+        ),
+        "slim-corrupt": (
+            ["slim", str(corrupt), "-o", "out.onnx"],
+            ["out.onnx", "out.pt"],
+            "cannot read checkpoint",
+        ),
+        "slim-missing-dir": (
+            ["slim", str(d / "tuned.pt"), "-o", "nodir/out.onnx"],
+            ["nodir"],
+            "does not exist",
+        ),
+        "slim-foreign-plan": (
+            ["slim", str(d / "tuned.pt"), "--plan", str(other_plan), "--export", "none", "-o", "out.pt"],
+            ["out.pt"],
+            "the plan does not fit this model",
+        ),
+        "slim-bad-export": (
+            ["slim", str(d / "tuned.pt"), "--export", "tflite", "-o", "out.pt"],
+            ["out.pt"],
+            "--export must be onnx or none",
+        ),
+        "target-too-high": (
+            [*ft, "--data", "builtin", "--target-macs", "1.5", "-o", "t.pt"],
+            ["t.pt"],
+            "--target-macs must be between 0 and 1",
+        ),
+        "target-zero": (
+            [*ft, "--data", "builtin", "--target-macs", "0", "-o", "t.pt"],
+            ["t.pt"],
+            "--target-macs must be between 0 and 1, got 0.0",
+        ),
+        "target-missing": (
+            [*ft, "--data", "builtin", "-o", "t.pt"],
+            ["t.pt"],
+            "--target-macs is required",
+        ),
+        "missing-data": (
+            [*ft, "--data", str(tmp / "nowhere"), "--target-macs", "0.5", "-o", "t.pt"],
+            ["t.pt"],
+            "data folder not found",
+        ),
+        "class-mismatch": (
+            [*ft, "--data", str(data3), "--target-macs", "0.5", "-o", "t.pt"],
+            ["t.pt"],
+            "the data has 3 classes but the model 10",
+        ),
+        "finetune-not-gated": (
+            [*ft[:1], str(d / "slim.pt"), *ft[2:], "--data", "builtin", "--target-macs", "0.5", "-o", "t.pt"],
+            ["t.pt"],
+            "has no gates",
+        ),
+        "gate-unknown-model": (["gate", "resnet9000", "-o", "g.pt"], ["g.pt"], "unknown model 'resnet9000'"),
+        "gate-input-too-small": (
+            ["gate", "alexnet", "--input-size", "16", "-o", "g.pt"],
+            ["g.pt"],
+            "alexnet does not run on 16x16 inputs",
+        ),
+        "analyze-input-too-small": (
+            ["analyze", "alexnet", "--input-size", "16", "--json"],
+            [],
+            "alexnet does not run on 16x16 inputs",
+        ),
+        "run-malformed-toml": (
+            ["run", str(malformed), "--out-dir", "rundir"],
+            ["rundir"],
+            "is not valid TOML",
+        ),
+        "run-missing-config": (
+            ["run", str(tmp / "none.toml"), "--out-dir", "rundir"],
+            ["rundir"],
+            "config file not found",
+        ),
+    }
+
+
+CASES = [
+    "slim-a-slim-checkpoint",
+    "slim-corrupt",
+    "slim-missing-dir",
+    "slim-foreign-plan",
+    "slim-bad-export",
+    "target-too-high",
+    "target-zero",
+    "target-missing",
+    "missing-data",
+    "class-mismatch",
+    "finetune-not-gated",
+    "gate-unknown-model",
+    "gate-input-too-small",
+    "analyze-input-too-small",
+    "run-malformed-toml",
+    "run-missing-config",
+]
+
+
+@pytest.mark.parametrize("preexisting", [False, True], ids=["fresh", "existing-output"])
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(
+    case: str,
+    preexisting: bool,
+    e2e: dict[str, Any],
+    data3: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    argv, outputs, fragment = _bad_cases(e2e, data3, inputs)[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    if preexisting:
+        for name in outputs:
+            if "/" not in name and name not in ("rundir", "nodir"):
+                (work / name).write_bytes(b"previous contents")
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    result = CliRunner().invoke(app, argv)
+    assert_user_error(result, fragment)
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before  # nothing new, nothing changed
+
+
+def test_bad_input_through_the_entry_point(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = prunekit_cli("slim", bad, "-o", tmp_path / "out.onnx", "--json")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert (
+        proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+
+def test_python_m_prunekit_version() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunekit", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"prunekit {prunekit.__version__}\n", "")
