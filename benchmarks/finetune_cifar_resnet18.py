@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--lam", type=float, default=5.0)
-    ap.add_argument("--decide-at", type=float, default=0.34)
+    ap.add_argument("--decide-at", type=float, default=0.2)
     ap.add_argument("--distill", type=float, default=0.7)
     ap.add_argument("--min-keep", type=float, default=0.5)
     ap.add_argument("--granularity", type=int, default=8)

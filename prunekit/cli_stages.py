@@ -188,7 +188,7 @@ def gate_command(
     granularity: Annotated[int, typer.Option(min=1, help="Channels per gate.")] = 8,
     min_keep: Annotated[
         float, typer.Option(min=0.0, max=0.95, help="Fraction of each group always kept.")
-    ] = 0.0,
+    ] = 0.5,
     mean: Annotated[
         str | None, typer.Option(help="Input normalisation mean R,G,B (default: the weights').")
     ] = None,
@@ -251,10 +251,10 @@ def finetune_command(
     ] = False,
     decide_at: Annotated[
         float, typer.Option(help="Share of training after which gate decisions are fixed.")
-    ] = 0.5,
+    ] = 0.2,
     distill: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Distillation weight from the ungated model.")
-    ] = 0.0,
+    ] = 0.7,
     bn_recalibrate: Annotated[
         int, typer.Option(min=0, help="Batches to re-estimate BatchNorm before eval.")
     ] = 0,
@@ -432,8 +432,8 @@ def run_command(
 @user_errors
 def demo_command(
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Run directory.")] = Path("demo-run"),
-    pretrain_epochs: Annotated[int, typer.Option(min=1, help="Epochs to train the demo model first.")] = 4,
-    finetune_epochs: Annotated[int, typer.Option(min=1)] = 2,
+    pretrain_epochs: Annotated[int, typer.Option(min=1, help="Epochs to train the demo model first.")] = 8,
+    finetune_epochs: Annotated[int, typer.Option(min=1)] = 3,
     json_output: JsonOption = False,
 ) -> None:
     """The whole job offline on the built-in data: train resnet18, gate, fine-tune, slim, export."""

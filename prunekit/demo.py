@@ -70,7 +70,7 @@ def pretrain(
     return {"weights": str(out), "val_acc": acc, "epochs": epochs}
 
 
-def demo_config(weights: Path, *, finetune_epochs: int = 2, max_accuracy_drop: float = 2.0) -> RunConfig:
+def demo_config(weights: Path, *, finetune_epochs: int = 3, max_accuracy_drop: float = 2.0) -> RunConfig:
     return RunConfig(
         model=ModelConfig(DEMO_ARCH, weights=str(weights), num_classes=10, input_size=DEMO_INPUT),
         data="builtin",
@@ -84,8 +84,8 @@ def demo_config(weights: Path, *, finetune_epochs: int = 2, max_accuracy_drop: f
 def run_demo(
     out_dir: Path,
     *,
-    pretrain_epochs: int = 4,
-    finetune_epochs: int = 2,
+    pretrain_epochs: int = 8,
+    finetune_epochs: int = 3,
     on_pretrain: Callable[[dict[str, Any]], None] | None = None,
     callbacks: FinetuneCallbacks | None = None,
     on_stage: Callable[[str, dict[str, Any]], None] | None = None,

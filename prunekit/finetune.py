@@ -39,8 +39,8 @@ class FinetuneConfig:
     tau: float = 1.0  # Gumbel-softmax temperature at the start
     tau_end: float | None = None  # anneal geometrically to this by the decision point (None: constant)
     one_sided: bool = False  # penalise only B > t
-    decide_at: float = 0.5  # fraction of training steps after which gate decisions are fixed
-    distill: float = 0.0  # weight of distillation from the ungated model (temperature 2)
+    decide_at: float = 0.2  # fraction of training steps after which gate decisions are fixed
+    distill: float = 0.7  # weight of distillation from the ungated model (temperature 2)
     bn_recalibrate: int = 0  # batches used to re-estimate BatchNorm statistics before evaluation
     workers: int = 2
     seed: int = 0

@@ -31,7 +31,7 @@ GATES_ATTR = "prunekit_gates"
 @dataclass(frozen=True)
 class GateConfig:
     granularity: int = 8  # channels per gate; surviving widths come out in multiples of it
-    min_keep: float = 0.0  # fraction of each group that is always kept (its most important gates)
+    min_keep: float = 0.5  # fraction of each group always kept (its most important gates); see docs/recipe.md
     init_on: float = 4.0  # initial on-logit of the most important gate (paper: [0.1, 4] for every gate)
     init_off: float = 0.1  # initial off-logit
     init_spread: float = 2.0  # the least important gate starts with its on-logit lowered by this much

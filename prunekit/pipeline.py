@@ -139,6 +139,16 @@ class FinetuneCallbacks:
     on_epoch: Callable[[EpochMetrics], None] | None = None
 
 
+def _load_start(gated: Path, needed: bool, spec: ModelSpec) -> Checkpoint | None:
+    """The gated checkpoint a resumed run started from (needed for its distillation teacher)."""
+    if not needed:
+        return None
+    start = load_checkpoint(gated)
+    if start.spec.arch != spec.arch or start.spec.num_classes != spec.num_classes or start.gates is None:
+        raise CheckpointError(f"{gated} is not the gated checkpoint this run started from")
+    return start
+
+
 def best_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.best{out.suffix or '.pt'}")
 
@@ -186,7 +196,10 @@ def finetune_stage(
             f"the data has {loaders.num_classes} classes but the model {spec.num_classes}: "
             f"gate the model with --num-classes {loaders.num_classes}"
         )
-    plain = copy.deepcopy(ckpt.model)
+    # the ungated starting model: baseline accuracy and distillation teacher; on --resume it comes from
+    # the original gated checkpoint, not from the half-trained weights being resumed
+    start = ckpt if not resume else _load_start(gated, config.distill > 0, spec)
+    plain = copy.deepcopy(start.model if start is not None else ckpt.model)
     remove_gates_(plain)
     total_macs = count_macs(plain, example_batch(spec)).total_macs
     mac_model = MacModel(ckpt.graph)

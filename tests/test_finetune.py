@@ -149,11 +149,10 @@ def test_no_activation_loss_keeps_the_gates_open(gated10: Path) -> None:
     assert learned and learned[0] > 0.8
 
 
-def test_default_decide_at_fixes_decisions_within_the_budget(gated10: Path) -> None:
+def test_decide_at_fixes_decisions_within_the_budget(gated10: Path) -> None:
     config = FinetuneConfig(
-        target_macs=0.5, epochs=2, batch_size=8, workers=0, max_steps_per_epoch=4, device="cpu"
+        target_macs=0.5, epochs=2, batch_size=8, workers=0, max_steps_per_epoch=4, device="cpu", decide_at=0.5
     )
-    assert config.decide_at == 0.5
     torch.manual_seed(0)
     trainer = _trainer(gated10, config, steps=4)
     assert (trainer.total_steps, trainer.decide_step) == (8, 4)

@@ -246,7 +246,7 @@ def test_layout_granularity(r18, granularity: int) -> None:
 
 def test_layout_first_gate_of_each_group_fixed(r18) -> None:
     _, graph, _ = r18
-    layout = make_layout(graph, GateConfig(granularity=8))
+    layout = make_layout(graph, GateConfig(granularity=8, min_keep=0.0))
     first = {}
     for gate, group in enumerate(layout.gate_group):
         first.setdefault(group, gate)
