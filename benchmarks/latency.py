@@ -27,21 +27,31 @@ from prunekit.export import export_onnx
 from prunekit.graph import analyze
 from prunekit.measure import count_macs
 from prunekit.models import build_model, example_input
-from prunekit.plan import magnitude_plan
+from prunekit.plan import magnitude_scores, plan_from_scores
 from prunekit.slim import slim_
 
 
-def plan_for_target(model, graph, target: float):  # noqa: ANN001, ANN201
-    """Largest uniform keep fraction whose plan stays within `target` of the MACs (bisection)."""
-    lo, hi = 0.05, 1.0
+def plan_for_target(model, graph, target: float, round_to: int, kind: str):  # noqa: ANN001, ANN201
+    """Largest keep fraction whose magnitude plan stays within `target` of the MACs (bisection).
+    `uniform`: every group keeps that fraction; `internal`: groups written by several layers (residual
+    streams) stay whole and only block-internal widths shrink."""
+    scores = magnitude_scores(model, graph)
+
+    def make(fraction: float):  # noqa: ANN202
+        counts = [
+            g.units if kind == "internal" and len(g.producers) > 1 else max(1, round(g.units * fraction))
+            for g in graph.groups
+        ]
+        return plan_from_scores(graph, scores, counts, round_to=round_to)
+
+    lo, hi = 0.02, 1.0
     for _ in range(20):
         mid = (lo + hi) / 2
-        plan = magnitude_plan(model, graph, mid)
-        if graph.macs(plan.unit_mask(graph)) <= target * graph.macs():
+        if graph.macs(make(mid).unit_mask(graph)) <= target * graph.macs():
             lo = mid
         else:
             hi = mid
-    return magnitude_plan(model, graph, lo)
+    return make(lo)
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -74,6 +84,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--round-to", type=int, default=8, help="round kept widths to multiples of this")
+    ap.add_argument("--plan", choices=("uniform", "internal"), default="uniform")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -82,7 +94,7 @@ def main() -> None:
         model = build_model(name)
         x = example_input(name, input_size=args.size)
         graph = analyze(model, x)
-        plan = plan_for_target(model, graph, args.target)
+        plan = plan_for_target(model, graph, args.target, args.round_to, args.plan)
         slim = slim_(copy.deepcopy(model), graph, plan).eval()
         macs = (count_macs(model, x).total_macs, count_macs(slim, x).total_macs)
         with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +112,8 @@ def main() -> None:
         lat_ratio = ms["slim"] / ms["original"]
         row = {
             "model": name,
+            "plan": args.plan,
+            "round_to": args.round_to,
             "input": args.size,
             "batch": args.batch,
             "threads": args.threads,

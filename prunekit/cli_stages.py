@@ -479,8 +479,9 @@ def _run_and_render(job: Any, json_output: bool) -> None:
         return
     render_slim(report["slim"])
     s = report["summary"]
+    drop = s["accuracy_drop_points"]
     render.console().print(
         f"accuracy {_pct(s['accuracy_before'])} -> {_pct(s['accuracy_after'])} "
-        f"({s['accuracy_drop_points']:+.2f} points "
-        f"lost), MACs x{s['macs_ratio']:.3f}; report: {report['files']['report']}"
+        f"({abs(drop):.2f} points {'lost' if drop >= 0 else 'gained'}), "
+        f"MACs x{s['macs_ratio']:.3f}; report: {report['files']['report']}"
     )
