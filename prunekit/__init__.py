@@ -26,9 +26,47 @@ _LAZY: dict[str, str] = {
     "builtin_loaders": "prunekit.data",
     "image_folder_loaders": "prunekit.data",
     "resolve_data": "prunekit.data",
+    "ChannelGraph": "prunekit.graph",
+    "analyze": "prunekit.graph",
+    "ChannelPlan": "prunekit.plan",
+    "magnitude_plan": "prunekit.plan",
+    "random_plan": "prunekit.plan",
+    "masked": "prunekit.slim",
+    "slim_": "prunekit.slim",
+    "verify_slim": "prunekit.slim",
+    "GateConfig": "prunekit.gates",
+    "insert_gates_": "prunekit.gates",
+    "remove_gates_": "prunekit.gates",
+    "FinetuneConfig": "prunekit.finetune",
+    "load_checkpoint": "prunekit.checkpoint",
+    "save_checkpoint": "prunekit.checkpoint",
+    "export_onnx": "prunekit.export",
+    "finetune_stage": "prunekit.pipeline",
+    "gate_stage": "prunekit.pipeline",
+    "run_pipeline": "prunekit.pipeline",
+    "slim_stage": "prunekit.pipeline",
 }
 
 __all__ = [
+    "ChannelGraph",
+    "ChannelPlan",
+    "FinetuneConfig",
+    "GateConfig",
+    "analyze",
+    "export_onnx",
+    "finetune_stage",
+    "gate_stage",
+    "insert_gates_",
+    "load_checkpoint",
+    "magnitude_plan",
+    "masked",
+    "random_plan",
+    "remove_gates_",
+    "run_pipeline",
+    "save_checkpoint",
+    "slim_",
+    "slim_stage",
+    "verify_slim",
     "DataLoaders",
     "LatencyResult",
     "LoadedModel",
@@ -46,7 +84,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from prunekit.checkpoint import load_checkpoint, save_checkpoint
     from prunekit.data import DataLoaders, builtin_loaders, image_folder_loaders, resolve_data
+    from prunekit.export import export_onnx
+    from prunekit.finetune import FinetuneConfig
+    from prunekit.gates import GateConfig, insert_gates_, remove_gates_
+    from prunekit.graph import ChannelGraph, analyze
     from prunekit.measure import LatencyResult, MacReport, count_macs, count_params
     from prunekit.models import (
         LoadedModel,
@@ -55,6 +98,9 @@ if TYPE_CHECKING:
         list_classification_models,
         load_model,
     )
+    from prunekit.pipeline import finetune_stage, gate_stage, run_pipeline, slim_stage
+    from prunekit.plan import ChannelPlan, magnitude_plan, random_plan
+    from prunekit.slim import masked, slim_, verify_slim
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import make_image_folder
 from torch.utils.data import DataLoader, Subset
 from typer.testing import CliRunner
 
@@ -22,20 +22,6 @@ from prunekit.gates import remove_gates_
 from prunekit.measure import count_macs
 from prunekit.objective import MacModel
 from prunekit.pipeline import best_path, finetune_stage, gate_stage
-
-
-def make_image_folder(root: Path, classes: int, train: int, val: int, size: int = 32) -> Path:
-    """train/ and val/ trees of small PNGs; each class has its own mean colour, so it is learnable."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                base = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 31 + 160) % 256])
-                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import make_image_folder
 from typer.testing import CliRunner
 
 import prunekit
@@ -52,20 +52,6 @@ def ok_json(proc: subprocess.CompletedProcess) -> dict[str, Any]:
     assert "Traceback" not in proc.stderr
     assert proc.stdout.lstrip().startswith("{")
     return json.loads(proc.stdout)  # raises on anything but exactly one document
-
-
-def make_image_folder(root: Path, classes: int, train: int, val: int, size: int = 32) -> Path:
-    """train/ and val/ trees of small PNGs; each class has its own mean colour, so it is learnable."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                base = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 31 + 160) % 256])
-                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
