@@ -20,7 +20,7 @@ from torch import nn
 
 from prunekit.checkpoint import Checkpoint, ModelSpec, example_batch, load_checkpoint, save_checkpoint
 from prunekit.config import RunConfig
-from prunekit.errors import AccuracyGateError, CheckpointError, ConfigError
+from prunekit.errors import AccuracyGateError, CheckpointError, ConfigError, VerificationError
 from prunekit.fileio import atomic_path, atomic_write_text, check_writable
 from prunekit.finetune import (
     EpochMetrics,
@@ -364,17 +364,18 @@ def slim_stage(
         "checkpoint": str(ckpt_path),
     }
     if abs(predicted - macs_after) > 0.01 * max(1, macs_after):
-        raise ConfigError(f"internal check failed: predicted {predicted} MACs, fvcore counts {macs_after}")
+        raise VerificationError(
+            f"the slimmed model has {macs_after} MACs (fvcore) but the plan predicts {predicted}"
+        )
     if loaders is not None:
         device = torch.device("cpu")
-        acc_slim, _ = evaluate(slim, loaders.val, device)
+        # "original": the starting model as fine-tuning measured it on the same data; with --plan the
+        # checkpoint's own weights are the starting point, so measure them here
         base = ckpt.extra.get("baseline", {})
-        result["accuracy"] = {
-            "slim": acc_slim,
-            "original": base.get("val_acc") if base.get("data") == data else None,
-        }
-        if result["accuracy"]["original"] is None:
-            result["accuracy"]["original"] = evaluate(plain, loaders.val, device)[0] if plan_file else None
+        original = base.get("val_acc") if base.get("data") == data else None
+        if original is None and plan_file is not None:
+            original = evaluate(plain, loaders.val, device)[0]
+        result["accuracy"] = {"slim": evaluate(slim, loaders.val, device)[0], "original": original}
 
     slim_ckpt = Checkpoint(
         spec,
