@@ -394,3 +394,27 @@ def test_best_checkpoint_is_within_budget(tiny: tuple[Path, Path], tmp_path: Pat
     assert rows and max(h["val_acc"] for h in rows) == best.history[-1]["val_acc"]
     assert result["final"]["macs_fraction"] <= 0.5 + 1e-9
     assert result["expected_macs"] == pytest.approx(result["final"]["macs_fraction"] * result["macs_before"])
+
+
+# -- CUDA (runs only where a GPU is present) ----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_training_and_decisions(gated10: Path) -> None:
+    """The CUDA path: model, gates, MAC model and batches on the GPU, bfloat16 autocast, and eval
+    decisions that equal the CPU ones after training."""
+    config = FinetuneConfig(
+        target_macs=0.5, epochs=1, batch_size=16, workers=0, max_steps_per_epoch=6, device="cuda", amp=True
+    )
+    torch.manual_seed(0)
+    trainer = _trainer(gated10, config, steps=6)
+    assert trainer.amp and trainer.device.type == "cuda"
+    stats = trainer.train_one_epoch(_builtin(16).train)
+    assert np.isfinite(stats["loss"]) and trainer.decided
+    assert trainer.bank.logits.device.type == "cuda"
+    assert trainer.bank.current is not None and trainer.bank.current.device.type == "cuda"
+    cuda_fraction = trainer.decision_fraction()
+    trainer.model.cpu()
+    trainer.mac_model.cpu()
+    assert trainer.decision_fraction() == pytest.approx(cuda_fraction)
