@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import nn
 
 from prunekit.graph import ChannelGraph, analyze
 from prunekit.measure import count_macs, count_params
 from prunekit.models import build_model
 from prunekit.plan import random_plan
 from prunekit.slim import compare_outputs, masked, slim_
+from prunekit.testing import randomize_
 
 KEEP = 0.5
 SEED = 0
@@ -50,22 +50,6 @@ def input_size(name: str) -> int:
     if name.startswith(NEEDS_224):
         return 224
     return INPUT_SIZE.get(name, 64)
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random parameters and BatchNorm statistics everywhere. torchvision zero-initialises some layers
-    (the last BN of residual blocks, some heads), which would make the exactness check vacuous. The same
-    recipe as tests/conftest.py's `randomize`."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            for p in m.parameters(recurse=False):
-                scale = p[0].numel() ** -0.5 if p.dim() > 1 else 0.5
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return model
 
 
 @dataclass

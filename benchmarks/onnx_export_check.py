@@ -26,21 +26,10 @@ import torchvision
 from torch import nn
 
 from prunekit.export import export_onnx
+from prunekit.testing import calibrate_batchnorm_
 
 MODELS = [("resnet18", 32), ("resnet18", 224), ("mobilenet_v3_small", 64), ("mobilenet_v3_small", 224)]
 BIG = [("vgg16", 224)]
-
-
-def calibrate_bn(model: nn.Module, shape: tuple[int, int, int]) -> None:
-    """Realistic BatchNorm statistics, so that untrained models give outputs of a sensible scale."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, *shape))
-    model.eval()
 
 
 def ort_latency_ms(path: Path, shape: tuple[int, int, int], batch: int, runs: int = 20) -> float:
@@ -82,7 +71,7 @@ def main() -> int:
             shape = (3, side, side)
             torch.manual_seed(0)
             model = torchvision.models.get_model(name, weights=None)
-            calibrate_bn(model, shape)
+            calibrate_batchnorm_(model, shape)
             for exporter, dynamo in (("dynamo", True), ("torchscript", False)):
                 path = out / f"{name}_{side}_{exporter}.onnx"
                 best = None

@@ -16,6 +16,7 @@ from torch import nn
 import prunekit.export as export_mod
 from prunekit.errors import ExportError, PrunekitError, VerificationError
 from prunekit.export import ExportResult, export_onnx
+from prunekit.testing import calibrate_batchnorm_
 
 SHAPE = (3, 32, 32)
 
@@ -89,21 +90,8 @@ class GridSample(nn.Module):
 def _tiny(seed: int = 0) -> TinyNet:
     torch.manual_seed(seed)
     model = TinyNet()
-    _calibrate_bn(model, (3, 16, 16))
+    calibrate_batchnorm_(model, (3, 16, 16), batches=2, batch_size=8)
     return model
-
-
-def _calibrate_bn(model: nn.Module, shape: tuple[int, int, int]) -> None:
-    """Give BatchNorm realistic running statistics so that eval outputs are not all ~0."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, *shape))
-    model.eval()
 
 
 def _ort_run(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -132,7 +120,7 @@ def resnet18_export(tmp_path_factory: pytest.TempPathFactory):
     """One default (dynamo) export of an untrained resnet18 at 32x32, shared by several tests."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10)
-    _calibrate_bn(model, SHAPE)
+    calibrate_batchnorm_(model, SHAPE, batches=2, batch_size=8)
     model.train()  # export_onnx must use eval mode and then restore this
     out_dir = tmp_path_factory.mktemp("resnet18")
     path = out_dir / "resnet18.onnx"
@@ -247,7 +235,7 @@ def test_model_state_is_restored(tmp_path: Path) -> None:
 def test_mobilenet_v3_small(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(weights=None)
-    _calibrate_bn(model, (3, 64, 64))
+    calibrate_batchnorm_(model, (3, 64, 64), batches=2, batch_size=8)
     path = tmp_path / "mnv3.onnx"
     result = export_onnx(model, path, input_shape=(3, 64, 64))
     assert result.exporter == "dynamo"
