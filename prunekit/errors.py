@@ -1,4 +1,4 @@
-"""Errors a user can cause. The CLI turns each into one line on stderr and exit code 2.
+"""Errors a user can cause. The CLI turns each into one line on stderr and its exit code (2 unless noted).
 
 Anything else that escapes is a bug in prunekit and ends with exit code 1.
 """
@@ -13,7 +13,7 @@ class PrunekitError(Exception):
 
 
 class UnknownModelError(PrunekitError):
-    """The model name is not a torchvision classification model."""
+    """The model source names no model prunekit can build."""
 
 
 class WeightsError(PrunekitError):
@@ -52,3 +52,18 @@ class AccuracyGateError(PrunekitError):
     """The slimmed model lost more accuracy than the user allowed (`--max-accuracy-drop`)."""
 
     exit_code = 3
+
+
+class Interrupted(PrunekitError):
+    """Ctrl-C during training; the fine-tune stage saves a resumable checkpoint first."""
+
+    exit_code = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted")
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type name), for one-line error messages."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
