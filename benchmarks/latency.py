@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
+from onnxruntime import InferenceSession
 
 from prunekit.export import export_onnx
 from prunekit.graph import analyze
 from prunekit.measure import count_macs
 from prunekit.models import build_model, example_input
+from prunekit.onnxrt import cpu_session
 from prunekit.plan import magnitude_scores, plan_from_scores
 from prunekit.slim import slim_
 
@@ -54,16 +55,7 @@ def plan_for_target(model, graph, target: float, round_to: int, kind: str):  # n
     return make(lo)
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def interleaved_ms(
-    sessions: dict[str, ort.InferenceSession], x: np.ndarray, repeats: int
-) -> dict[str, float]:
+def interleaved_ms(sessions: dict[str, InferenceSession], x: np.ndarray, repeats: int) -> dict[str, float]:
     for s in sessions.values():
         for _ in range(5):
             s.run(None, {s.get_inputs()[0].name: x})
@@ -101,7 +93,7 @@ def main() -> None:
             paths = {k: Path(tmp) / f"{k}.onnx" for k in ("original", "slim")}
             for p, m in zip(paths.values(), (model, slim), strict=True):
                 export_onnx(m, p, input_shape=(3, args.size, args.size))
-            sessions = {k: session(p, args.threads) for k, p in paths.items()}
+            sessions = {k: cpu_session(p, args.threads) for k, p in paths.items()}
             batch = (
                 np.random.default_rng(0)
                 .standard_normal((args.batch, 3, args.size, args.size))

@@ -1,106 +1,79 @@
-"""prunekit: prune torchvision classifiers with learned channel gates, slim them, export ONNX.
+"""prunekit: prune classifiers with learned Gumbel channel gates, slim them physically, export ONNX.
 
-Importing this package is cheap: the public API below is re-exported lazily so that `prunekit --help`
-never pays for importing torch.
+The Python API works in memory on any `nn.Module` that torch.fx can trace:
+
+    gated = prunekit.gate(model, input_shape=(3, 32, 32))
+    config = prunekit.FinetuneConfig(target_macs=0.5)
+    tuned = prunekit.finetune(gated, train_loader, val_loader, config=config)
+    small = prunekit.slim(tuned)  # .model, .plan, .to_dict()
+    prunekit.export_onnx(small, "model.onnx")
+
+Importing this package is cheap: the names below are re-exported lazily from one table, so that
+`prunekit --help` never pays for importing torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-# public name -> module that defines it
+# public name -> module that defines it (the one list: __all__ is derived from it)
 _LAZY: dict[str, str] = {
-    "LoadedModel": "prunekit.models",
+    # the in-memory API, one function per stage, and its typed results
+    "gate": "prunekit.stages.gate",
+    "GateResult": "prunekit.stages.gate",
+    "finetune": "prunekit.stages.finetune",
+    "FinetuneCallbacks": "prunekit.stages.finetune",
+    "FinetuneResult": "prunekit.stages.finetune",
+    "prepare_finetune": "prunekit.stages.finetune",
+    "slim": "prunekit.stages.slim",
+    "SlimResult": "prunekit.stages.slim",
+    "export_onnx": "prunekit.stages.slim",
+    # the file-based stages (what the CLI calls)
+    "gate_stage": "prunekit.stages.gate",
+    "finetune_stage": "prunekit.stages.finetune",
+    "slim_stage": "prunekit.stages.slim",
+    "run_pipeline": "prunekit.stages.run",
+    # settings and the model's identity
+    "ModelSpec": "prunekit.config",
+    "GateConfig": "prunekit.config",
+    "FinetuneConfig": "prunekit.config",
+    "SlimConfig": "prunekit.config",
+    "RunConfig": "prunekit.config",
+    "load_run_config": "prunekit.config",
+    "Runtime": "prunekit.runtime",
+    "resolve_runtime": "prunekit.runtime",
+    # models, data, measurement
     "build_model": "prunekit.models",
-    "example_input": "prunekit.models",
     "list_classification_models": "prunekit.models",
     "load_model": "prunekit.models",
-    "LatencyResult": "prunekit.measure",
-    "MacReport": "prunekit.measure",
-    "count_macs": "prunekit.measure",
-    "count_params": "prunekit.measure",
     "DataLoaders": "prunekit.data",
     "builtin_loaders": "prunekit.data",
     "image_folder_loaders": "prunekit.data",
     "resolve_data": "prunekit.data",
+    "LatencyResult": "prunekit.measure",
+    "MacReport": "prunekit.measure",
+    "count_macs": "prunekit.measure",
+    "count_params": "prunekit.measure",
+    # the building blocks
     "ChannelGraph": "prunekit.graph",
     "analyze": "prunekit.graph",
     "ChannelPlan": "prunekit.plan",
     "magnitude_plan": "prunekit.plan",
     "random_plan": "prunekit.plan",
-    "masked": "prunekit.slim",
-    "slim_": "prunekit.slim",
-    "verify_slim": "prunekit.slim",
-    "GateConfig": "prunekit.gates",
+    "masked": "prunekit.masking",
+    "slim_": "prunekit.surgery",
+    "verify_slim": "prunekit.surgery",
     "insert_gates_": "prunekit.gates",
     "remove_gates_": "prunekit.gates",
-    "FinetuneConfig": "prunekit.finetune",
+    "Checkpoint": "prunekit.checkpoint",
     "load_checkpoint": "prunekit.checkpoint",
     "save_checkpoint": "prunekit.checkpoint",
-    "export_onnx": "prunekit.export",
-    "finetune_stage": "prunekit.pipeline",
-    "gate_stage": "prunekit.pipeline",
-    "run_pipeline": "prunekit.pipeline",
-    "slim_stage": "prunekit.pipeline",
 }
 
-__all__ = [
-    "ChannelGraph",
-    "ChannelPlan",
-    "FinetuneConfig",
-    "GateConfig",
-    "analyze",
-    "export_onnx",
-    "finetune_stage",
-    "gate_stage",
-    "insert_gates_",
-    "load_checkpoint",
-    "magnitude_plan",
-    "masked",
-    "random_plan",
-    "remove_gates_",
-    "run_pipeline",
-    "save_checkpoint",
-    "slim_",
-    "slim_stage",
-    "verify_slim",
-    "DataLoaders",
-    "LatencyResult",
-    "LoadedModel",
-    "MacReport",
-    "__version__",
-    "build_model",
-    "builtin_loaders",
-    "count_macs",
-    "count_params",
-    "example_input",
-    "image_folder_loaders",
-    "list_classification_models",
-    "load_model",
-    "resolve_data",
-]
-
-if TYPE_CHECKING:
-    from prunekit.checkpoint import load_checkpoint, save_checkpoint
-    from prunekit.data import DataLoaders, builtin_loaders, image_folder_loaders, resolve_data
-    from prunekit.export import export_onnx
-    from prunekit.finetune import FinetuneConfig
-    from prunekit.gates import GateConfig, insert_gates_, remove_gates_
-    from prunekit.graph import ChannelGraph, analyze
-    from prunekit.measure import LatencyResult, MacReport, count_macs, count_params
-    from prunekit.models import (
-        LoadedModel,
-        build_model,
-        example_input,
-        list_classification_models,
-        load_model,
-    )
-    from prunekit.pipeline import finetune_stage, gate_stage, run_pipeline, slim_stage
-    from prunekit.plan import ChannelPlan, magnitude_plan, random_plan
-    from prunekit.slim import masked, slim_, verify_slim
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,12 @@
 """prunekit checkpoints: one file of plain data that loads with `torch.load(path, weights_only=True)`.
 
-Loading never unpickles code: it rebuilds the architecture from its name and arguments, analyses it,
-shrinks what the stored plan removed, inserts gates where the file says, then loads the state_dict
-strictly. A truncated, foreign or inconsistent file is a CheckpointError with one line saying why.
+Loading never unpickles code: it rebuilds the architecture from its model source (or takes the freshly
+built model the caller passes), analyses it, shrinks what the stored plan removed, inserts gates of the
+recorded kind where the file says, then loads the state_dict strictly. A truncated, foreign or
+inconsistent file is a CheckpointError with one line saying why.
+
+Format 2 (this version) records the model as a ModelSpec (source, input_shape (C, H, W), ...) and the
+gate bank's kind. Format 1 files (prunekit 0.1) still load.
 """
 
 from __future__ import annotations
@@ -17,57 +21,28 @@ import torch
 from torch import nn
 
 from prunekit import __version__
+from prunekit.config import ModelSpec
 from prunekit.errors import CheckpointError, PrunekitError
 from prunekit.fileio import atomic_path
-from prunekit.gates import GateBank, GateConfig, GateLayout, get_gates, insert_gates_
+from prunekit.gates import GateBank, gate_bank_from_description, get_gates, insert_gates_
 from prunekit.graph import ChannelGraph, analyze
 from prunekit.plan import ChannelPlan
+from prunekit.runtime import unwrap
 
 FORMAT = "prunekit-checkpoint"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ModelSpec:
-    """What it takes to rebuild the model before its weights are loaded."""
-
-    arch: str
-    num_classes: int
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    weights: str | None = None  # where the original weights came from (informational)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "arch": self.arch,
-            "num_classes": self.num_classes,
-            "input_size": self.input_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "weights": self.weights,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(
-            arch=str(d["arch"]),
-            num_classes=int(d["num_classes"]),
-            input_size=int(d["input_size"]),
-            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
-            weights=d.get("weights"),
-        )
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+STAGES = ("gated", "finetuned", "slim")
 
 
 @dataclass
 class Checkpoint:
-    """A model at some stage: gated (gates, no plan), slim (plan, no gates), or plain."""
+    """A model at one stage: "gated" or "finetuned" (gates, no plan) or "slim" (plan, no gates)."""
 
-    spec: ModelSpec
+    spec: ModelSpec  # complete: every field filled in
     model: nn.Module
     graph: ChannelGraph  # of the unslimmed architecture: plans and gates refer to it
-    stage: str  # "gated", "finetuned", "slim"
+    stage: str  # one of STAGES
     plan: ChannelPlan | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] | None = None  # optimizer/scheduler/epoch state for --resume
@@ -75,17 +50,14 @@ class Checkpoint:
 
     @property
     def gates(self) -> GateBank | None:
-        return get_gates(self.model)
-
-
-def example_batch(spec: ModelSpec, batch: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 3, spec.input_size, spec.input_size, generator=g)
+        return get_gates(unwrap(self.model))
 
 
 def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
     """Write atomically: an interrupted save never leaves a corrupt file or loses the previous one."""
     bank = ckpt.gates
+    if ckpt.stage not in STAGES:
+        raise ValueError(f"unknown checkpoint stage {ckpt.stage!r}")
     data: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -93,14 +65,12 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         "torch_version": str(torch.__version__),
         "model": ckpt.spec.to_dict(),
         "stage": ckpt.stage,
-        "gates": None
-        if bank is None
-        else {"config": bank.config.to_dict(), "layout": bank.layout.to_dict(), "tau": float(bank.tau)},
+        "gates": None if bank is None else bank.describe(),
         "plan": None if ckpt.plan is None else ckpt.plan.to_dict(),
         "history": ckpt.history,
         "training": ckpt.training,
         "extra": ckpt.extra,
-        "state_dict": {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in unwrap(ckpt.model).state_dict().items()},
     }
     with atomic_path(Path(path)) as tmp:
         torch.save(data, tmp)
@@ -134,15 +104,21 @@ def read_checkpoint_data(path: Path) -> dict[str, Any]:
             f"{path} is not a prunekit checkpoint "
             "(a plain state_dict? pass it as --weights to `prunekit gate`)"
         )
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{path} has checkpoint format {data.get('format_version')!r}; "
-            f"this prunekit reads {FORMAT_VERSION}"
+            f"this prunekit reads {', '.join(map(str, READABLE_VERSIONS))}"
         )
     return data
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
+def load_checkpoint(path: Path | str, *, model: nn.Module | None = None) -> Checkpoint:
+    """Rebuild the checkpoint's model and load its weights strictly (on the CPU, in eval mode).
+
+    `model`: a freshly built, unslimmed, ungated instance of the architecture, for a checkpoint of a
+    model that was handed over in memory (its source cannot be rebuilt by name). Without it, the
+    recorded source is built; nothing named in the file is imported."""
+    path = Path(path)
     data = read_checkpoint_data(path)
     try:
         spec = ModelSpec.from_dict(data["model"])
@@ -153,35 +129,26 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
         raise CheckpointError(f"{path}: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is inconsistent: missing or malformed field {exc}") from exc
-
-    from prunekit.models import build_model
-
-    try:
-        model = build_model(spec.arch, spec.num_classes)
-    except PrunekitError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    graph = analyze(model, example_batch(spec))
+    if not spec.complete or stage not in STAGES:
+        raise CheckpointError(f"{path} is inconsistent: incomplete model description or unknown stage")
+    if model is None:
+        model = _build(spec, path)
+    elif get_gates(model) is not None:
+        raise CheckpointError("load_checkpoint(model=...) takes a freshly built model without gates")
+    graph = analyze(model, spec.example_input())
     if plan is not None:
-        from prunekit.slim import slim_
+        from prunekit.surgery import slim_
 
         try:
             slim_(model, graph, plan)
         except PrunekitError as exc:
-            raise CheckpointError(f"{path}: the stored channel plan does not fit {spec.arch}") from exc
-    gates = data.get("gates")
-    if gates is not None:
-        try:
-            layout = GateLayout.from_dict(gates["layout"])
-            config = GateConfig(**gates["config"])
-            bank = GateBank(layout, config)
-            bank.tau = float(gates.get("tau", 1.0))
-            insert_gates_(model, graph, bank)
-        except PrunekitError as exc:
-            raise CheckpointError(f"{path}: the stored gates do not fit {spec.arch}: {exc}") from exc
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: malformed gate configuration ({exc})") from exc
-    _load_state_strict(model, state_dict, path, spec.arch)
-    model.to(device).eval()
+            raise CheckpointError(f"{path}: the stored channel plan does not fit {spec.name}") from exc
+    if data.get("gates") is not None:
+        _insert_recorded_gates(model, graph, data["gates"], path, spec)
+        if data["format_version"] == 1:
+            state_dict = _format1_state(data, state_dict)
+    _load_state_strict(model, state_dict, path, spec.name)
+    model.eval()
     return Checkpoint(
         spec=spec,
         model=model,
@@ -194,35 +161,52 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     )
 
 
-def _load_state_strict(model: nn.Module, state_dict: Any, path: Path, arch: str) -> None:
+def _build(spec: ModelSpec, path: Path) -> nn.Module:
+    from prunekit.models import build_model
+
+    try:
+        return build_model(spec.source, spec.num_classes)  # type: ignore[arg-type]
+    except PrunekitError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def _insert_recorded_gates(
+    model: nn.Module, graph: ChannelGraph, description: Any, path: Path, spec: ModelSpec
+) -> None:
+    try:
+        insert_gates_(model, graph, gate_bank_from_description(description))
+    except PrunekitError as exc:
+        raise CheckpointError(f"{path}: the stored gates do not fit {spec.name}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: malformed gate configuration ({exc})") from exc
+
+
+def _format1_state(data: dict[str, Any], state_dict: Any) -> Any:
+    """Format 1 kept "decided" in the training state (or implied it: a finished fine-tune is decided);
+    format 2 keeps it in the gate bank's state."""
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path} is inconsistent: state_dict is not a dict")
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and isinstance(state_dict[k], torch.Tensor) and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
-        raise CheckpointError(
-            f"{path}: weights do not fit {arch} as the checkpoint describes it: " + "; ".join(parts)
-        )
+        return state_dict
+    training = data.get("training")
+    if training is not None:
+        decided = bool(training.get("decided", False))
+    else:
+        decided = data.get("stage") == "finetuned"
+    return {**state_dict, "prunekit_gates.decided": torch.tensor(decided)}
+
+
+def _load_state_strict(model: nn.Module, state_dict: Any, path: Path, name: str) -> None:
+    from prunekit.models import mismatch_message
+
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} is inconsistent: state_dict is not a mapping of names to tensors")
+    problem = mismatch_message(str(path), f"{name} as the checkpoint describes it", model, state_dict)
+    if problem:
+        raise CheckpointError(problem)
     model.load_state_dict(state_dict, strict=True)
 
 
 __all__ = [
     "Checkpoint",
-    "ModelSpec",
-    "example_batch",
     "load_checkpoint",
     "read_checkpoint_data",
     "save_checkpoint",

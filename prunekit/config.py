@@ -1,53 +1,264 @@
-"""The `prunekit run` config file (TOML): one section per stage, every key optional but the model's.
+"""Every setting prunekit has, with its default, in one torch-free module.
 
-[model]      arch, weights, num_classes, input_size, mean, std
-[gates]      granularity, min_keep
-[finetune]   data, target_macs, epochs, batch_size, lr, gate_lr, lam, tau, ... (FinetuneConfig)
-[slim]       export ("onnx" | "none"), opset, latency, threads
+The CLI reads its option defaults from these dataclasses (so no default is written twice), the TOML
+loader of `prunekit run` fills them, and the Python API takes them. Importing this module never imports
+torch: `prunekit --help` stays fast.
+
+TOML sections of a `prunekit run` config (every key optional but the model's source, data and target):
+
+[model]      arch, weights, num_classes, input_shape, mean, std       (ModelSpec)
+[gates]      granularity, min_keep, init_on, init_off, init_spread    (GateConfig)
+[finetune]   data, target_macs, epochs, batch_size, lr, ...           (FinetuneConfig)
+[slim]       export ("onnx" | "none"), opset, latency, threads        (SlimConfig)
 [ci]         max_accuracy_drop (percentage points; the run fails with exit code 3 beyond it)
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prunekit.errors import ConfigError
-from prunekit.finetune import FinetuneConfig
-from prunekit.gates import GateConfig
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+EXPORTS = ("onnx", "none")
+DEFAULT_OPSET = 18
+DEFAULT_THREADS = 2  # onnxruntime / torch threads for latency measurements
+
+
+# --------------------------------------------------------------------------------------------------
+# the model's identity
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_input_shape(value: Any) -> tuple[int, int, int]:
+    """(C, H, W) from a sequence of 3 ints, "C,H,W", or one int / "S" meaning (3, S, S)."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"input shape must be C,H,W or one side length, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ConfigError(f"input shape must be C,H,W or one side length, got {value!r}")
+    if len(value) == 1:
+        value = [3, value[0], value[0]]
+    if len(value) != 3:
+        raise ConfigError(f"input shape must have 3 values (C, H, W), got {len(value)}")
+    c, h, w = value
+    if c < 1 or h < 8 or w < 8:
+        raise ConfigError(f"input shape {c},{h},{w} is too small (at least 1 channel and 8x8 pixels)")
+    return (c, h, w)
+
+
+def _stats(value: Any, name: str, channels: int | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.split(",")
+    try:
+        stats = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if channels is not None and len(stats) != channels:
+        raise ConfigError(f"{name} needs {channels} values (one per input channel), got {len(stats)}")
+    if not all(math.isfinite(v) for v in stats) or (name == "std" and not all(v > 0 for v in stats)):
+        raise ConfigError(f"{name} must be finite{' and positive' if name == 'std' else ''}, got {stats}")
+    return stats
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    arch: str
-    weights: str | None = None  # torchvision weights name or a local state_dict file
+class ModelSpec:
+    """What a model is and what it expects: the one description of a model's identity.
+
+    `source` names where the architecture comes from (a torchvision model name today); None means an
+    `nn.Module` handed over in memory, which a checkpoint cannot rebuild on its own. Fields left None
+    are filled from the source and its weights by `prunekit.models.load_model`; a checkpoint always
+    stores a complete spec."""
+
+    source: str | None
+    weights: str | None = None  # torchvision weights name or a local state_dict file (informational)
     num_classes: int | None = None
-    input_size: int | None = None
-    mean: tuple[float, float, float] | None = None  # input normalisation of the weights
-    std: tuple[float, float, float] | None = None
+    input_shape: tuple[int, int, int] | None = None  # (C, H, W) of one example
+    mean: tuple[float, ...] | None = None  # per-channel input normalisation the weights expect
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is not None:
-                if len(value) != 3:
-                    raise ConfigError(f"[model] {name} needs 3 values (R, G, B)")
-                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", parse_input_shape(self.input_shape))
+        channels = self.input_shape[0] if self.input_shape else None
+        object.__setattr__(self, "mean", _stats(self.mean, "mean", channels))
+        object.__setattr__(self, "std", _stats(self.std, "std", channels))
+        if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
+            raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
+
+    @property
+    def name(self) -> str:
+        return self.source or "in-memory model"
+
+    @property
+    def complete(self) -> bool:
+        return None not in (self.num_classes, self.input_shape, self.mean, self.std)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """A seeded random batch (batch, C, H, W): the same tensor on every call."""
+        import torch
+
+        if self.input_shape is None:
+            raise ConfigError(f"the input shape of {self.name} is unknown: give input_shape=(C, H, W)")
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(batch, *self.input_shape, generator=generator)
+
+    def with_defaults(self, **defaults: Any) -> ModelSpec:
+        """This spec with every field that is None taken from `defaults`."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "weights": self.weights,
+            "num_classes": self.num_classes,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        """Also reads the checkpoint format 1 layout (`arch`, square `input_size`)."""
+        if "input_shape" not in d and "input_size" in d:
+            d = {**d, "input_shape": [3, int(d["input_size"]), int(d["input_size"])]}
+        return cls(
+            source=d.get("source", d.get("arch")),
+            weights=d.get("weights"),
+            num_classes=None if d.get("num_classes") is None else int(d["num_classes"]),
+            input_shape=None if d.get("input_shape") is None else tuple(int(x) for x in d["input_shape"]),
+            mean=d.get("mean"),
+            std=d.get("std"),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# stage settings
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    granularity: int = 8  # channels per gate; surviving widths come out in multiples of it
+    min_keep: float = 0.5  # fraction of each group always kept (its most important gates); see docs/recipe.md
+    init_on: float = 4.0  # initial on-logit of the most important gate (paper: [0.1, 4] for every gate)
+    init_off: float = 0.1  # initial off-logit
+    init_spread: float = 2.0  # the least important gate starts with its on-logit lowered by this much
+
+    def __post_init__(self) -> None:
+        _check(
+            [
+                (self.granularity >= 1, f"granularity must be >= 1, got {self.granularity}"),
+                (0.0 <= self.min_keep < 1.0, f"min_keep must be in [0, 1), got {self.min_keep}"),
+            ]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    target_macs: float  # fraction of the whole model's MACs to keep (fvcore count)
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.01  # weights: SGD momentum 0.9, cosine decay per step
+    gate_lr: float = 0.05  # gate logits: Adam
+    weight_decay: float = 1e-4
+    gate_weight_decay: float = 0.0
+    lam: float = 5.0  # weight of the activation loss
+    tau: float = 1.0  # Gumbel-softmax temperature at the start
+    tau_end: float | None = None  # anneal geometrically to this by the decision point (None: constant)
+    one_sided: bool = False  # penalise only B > t
+    decide_at: float = 0.2  # fraction of training steps after which gate decisions are fixed
+    distill: float = 0.7  # weight of distillation from the ungated model (temperature 2)
+    bn_recalibrate: int = 0  # batches used to re-estimate BatchNorm statistics before evaluation
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bfloat16 autocast on CUDA
+    max_steps_per_epoch: int | None = None  # cap (quick runs, tests)
+
+    def __post_init__(self) -> None:
+        _check(
+            [
+                (
+                    0.0 < self.target_macs < 1.0,
+                    f"target_macs must be between 0 and 1, got {self.target_macs}",
+                ),
+                (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+                (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+                (self.lr > 0 and self.gate_lr > 0, "learning rates must be positive"),
+                (self.lam >= 0, f"lambda must be >= 0, got {self.lam}"),
+                (self.tau > 0 and (self.tau_end is None or self.tau_end > 0), "tau must be positive"),
+                (0.0 < self.decide_at <= 1.0, f"decide_at must be in (0, 1], got {self.decide_at}"),
+                (0.0 <= self.distill <= 1.0, f"distill must be in [0, 1], got {self.distill}"),
+                (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device}"),
+                (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+                (
+                    self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+                    f"max_steps_per_epoch must be >= 1, got {self.max_steps_per_epoch}",
+                ),
+            ]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# What `--resume` may change about a saved run: these alter how it runs, not what it computes up to now.
+# `epochs` may only grow (a longer run continues the same schedule with a longer horizon).
+RESUME_MUTABLE = ("epochs", "workers", "device", "amp")
 
 
 @dataclass(frozen=True)
 class SlimConfig:
-    export: str = "onnx"
-    opset: int = 18
-    latency: bool = True
-    threads: int = 2
+    export: str = "onnx"  # onnx | none
+    opset: int = DEFAULT_OPSET
+    latency: bool = False  # time original vs slim in onnxruntime (batch 1)
+    threads: int = DEFAULT_THREADS
+    rtol: float = 1e-4  # slim vs gated and ONNX vs PyTorch: max |diff| <= rtol * max |reference|
+
+    def __post_init__(self) -> None:
+        _check(
+            [
+                (self.export in EXPORTS, f"export must be one of {', '.join(EXPORTS)}, got {self.export}"),
+                (self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+                (self.rtol > 0, f"rtol must be positive, got {self.rtol}"),
+            ]
+        )
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig
+    model: ModelSpec
     data: str
     finetune: FinetuneConfig
     gates: GateConfig = field(default_factory=GateConfig)
@@ -55,22 +266,32 @@ class RunConfig:
     max_accuracy_drop: float | None = None  # percentage points
 
     def to_dict(self) -> dict[str, Any]:
+        model = self.model.to_dict()
         return {
-            "model": vars(self.model),
+            "model": {"arch": model.pop("source"), **model},
             "gates": self.gates.to_dict(),
             "finetune": {"data": self.data, **self.finetune.to_dict()},
-            "slim": vars(self.slim),
+            "slim": asdict(self.slim),
             "ci": {"max_accuracy_drop": self.max_accuracy_drop},
         }
 
 
-def _section(
-    data: dict[str, Any], name: str, cls: type, renames: dict[str, str] | None = None
-) -> dict[str, Any]:
+def defaults(cls: type) -> dict[str, Any]:
+    """Field name -> default of a config dataclass (fields without a default are left out)."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+# --------------------------------------------------------------------------------------------------
+# TOML
+# --------------------------------------------------------------------------------------------------
+
+_MODEL_KEYS = {"arch", "weights", "num_classes", "input_shape", "mean", "std"}
+
+
+def _section(data: dict[str, Any], name: str, known: set[str], renames: dict[str, str] | None = None) -> dict:
     raw = data.get(name, {})
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table")
-    known = {f.name for f in fields(cls)}
     out = {}
     for key, value in raw.items():
         key = (renames or {}).get(key, key).replace("-", "_")
@@ -78,6 +299,10 @@ def _section(
             raise ConfigError(f"unknown key {key!r} in [{name}] (known: {', '.join(sorted(known))})")
         out[key] = value
     return out
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
 
 
 def parse_run_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -90,7 +315,7 @@ def parse_run_config(data: dict[str, Any], overrides: dict[str, Any] | None = No
     unknown = set(data) - {"model", "gates", "finetune", "slim", "ci"}
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))} in the config")
-    model = _section(data, "model", ModelConfig)
+    model = _section(data, "model", _MODEL_KEYS)
     if "arch" not in model:
         raise ConfigError('the config needs [model] arch = "<torchvision model name>"')
     ft = dict(data.get("finetune", {}))
@@ -99,18 +324,16 @@ def parse_run_config(data: dict[str, Any], overrides: dict[str, Any] | None = No
         raise ConfigError('the config needs [finetune] data = "builtin" or a folder')
     if "target_macs" not in ft and "target-macs" not in ft:
         raise ConfigError("the config needs [finetune] target_macs = <fraction of MACs to keep>")
-    ft_args = _section({"finetune": ft}, "finetune", FinetuneConfig, {"lambda": "lam"})
-    ci = data.get("ci", {})
-    if not isinstance(ci, dict) or set(ci) - {"max_accuracy_drop", "max-accuracy-drop"}:
-        raise ConfigError("[ci] takes only max_accuracy_drop")
-    drop = ci.get("max_accuracy_drop", ci.get("max-accuracy-drop"))
+    ft_args = _section({"finetune": ft}, "finetune", _names(FinetuneConfig), {"lambda": "lam"})
+    ci = _section(data, "ci", {"max_accuracy_drop"})
+    drop = ci.get("max_accuracy_drop")
     try:
         return RunConfig(
-            model=ModelConfig(**model),
+            model=ModelSpec(source=str(model.pop("arch")), **model),
             data=str(dataset),
             finetune=FinetuneConfig(**ft_args),
-            gates=GateConfig(**_section(data, "gates", GateConfig)),
-            slim=SlimConfig(**_section(data, "slim", SlimConfig)),
+            gates=GateConfig(**_section(data, "gates", _names(GateConfig))),
+            slim=SlimConfig(**_section(data, "slim", _names(SlimConfig))),
             max_accuracy_drop=None if drop is None else float(drop),
         )
     except TypeError as exc:
@@ -129,4 +352,18 @@ def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunC
     return parse_run_config(data, overrides)
 
 
-__all__ = ["ModelConfig", "RunConfig", "SlimConfig", "load_run_config", "parse_run_config"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "DEVICES",
+    "EXPORTS",
+    "FinetuneConfig",
+    "GateConfig",
+    "ModelSpec",
+    "RESUME_MUTABLE",
+    "RunConfig",
+    "SlimConfig",
+    "defaults",
+    "load_run_config",
+    "parse_run_config",
+    "parse_input_shape",
+]

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from prunekit.errors import ConfigError, DataError
 
 BUILTIN = "builtin"
-BUILTIN_INPUT_SIZE = 32
+BUILTIN_INPUT_SHAPE = (3, 32, 32)
 BUILTIN_FILE = "fashion_mnist_subset.npz"
 SMALL_INPUT = 64  # at or below this side length, augment CIFAR-style (pad + crop) instead of resized crops
 _VAL_DIRS = ("val", "test")
 
-Stats = tuple[float, float, float]
+Stats = tuple[float, ...]
+Shape = tuple[int, int, int]
+# The sampler slot: given the training dataset, the sampler that orders it (a DistributedSampler under
+# torchrun). None: a seeded shuffle.
+SamplerFactory = Callable[[Dataset], Sampler]
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,12 @@ class DataLoaders:
     val: DataLoader
     num_classes: int
     classes: tuple[str, ...]
-    input_size: int
 
 
 def resolve_data(
     spec: str,
     *,
-    input_size: int,
+    input_shape: Shape,
     mean: Stats | None = None,
     std: Stats | None = None,
     batch_size: int = 64,
@@ -45,6 +48,7 @@ def resolve_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     train_augment: bool = True,
+    train_sampler: SamplerFactory | None = None,
 ) -> DataLoaders:
     """`--data builtin` is the built-in example data; anything else is an ImageFolder root.
 
@@ -52,19 +56,20 @@ def resolve_data(
     """
     if spec == BUILTIN:
         return builtin_loaders(
-            input_size=input_size,
+            input_shape=input_shape,
             mean=mean,
             std=std,
             batch_size=batch_size,
             workers=workers,
             seed=seed,
             train_augment=train_augment,
+            train_sampler=train_sampler,
         )
     from prunekit.models import IMAGENET_MEAN, IMAGENET_STD
 
     return image_folder_loaders(
         spec,
-        input_size=input_size,
+        input_shape=input_shape,
         mean=mean or IMAGENET_MEAN,
         std=std or IMAGENET_STD,
         batch_size=batch_size,
@@ -72,13 +77,14 @@ def resolve_data(
         val_fraction=val_fraction,
         seed=seed,
         train_augment=train_augment,
+        train_sampler=train_sampler,
     )
 
 
 def image_folder_loaders(
     root: str | Path,
     *,
-    input_size: int,
+    input_shape: Shape,
     mean: Stats,
     std: Stats,
     batch_size: int,
@@ -86,17 +92,18 @@ def image_folder_loaders(
     val_fraction: float = 0.1,
     seed: int = 0,
     train_augment: bool = True,
+    train_sampler: SamplerFactory | None = None,
 ) -> DataLoaders:
     """Loaders for `root/train` + `root/val` (or `root/test`), or for one ImageFolder `root` split per
-    class into train/val by `val_fraction` (seeded). Images are converted to RGB."""
-    _check_loader_args(input_size, batch_size, workers)
+    class into train/val by `val_fraction` (seeded). Images are read as RGB (grayscale for 1 channel)."""
+    _check_loader_args(input_shape, batch_size, workers)
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"data path is not a folder: {root}")
-    val_tf = eval_transform(input_size, mean, std)
-    train_tf = train_transform(input_size, mean, std) if train_augment else val_tf
+    val_tf = eval_transform(input_shape, mean, std)
+    train_tf = train_transform(input_shape, mean, std) if train_augment else val_tf
 
     val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
@@ -124,33 +131,34 @@ def image_folder_loaders(
             raise DataError(f"too few images in {folder} to hold out a validation split")
         classes = tuple(full_train.classes)
         train, val = Subset(full_train, train_idx), Subset(full_val, val_idx)
-    return _loaders(train, val, classes, input_size, batch_size, workers, seed)
+    return _loaders(train, val, classes, batch_size, workers, seed, train_sampler)
 
 
 def builtin_loaders(
     *,
-    input_size: int = BUILTIN_INPUT_SIZE,
+    input_shape: Shape = BUILTIN_INPUT_SHAPE,
     mean: Stats | None = None,
     std: Stats | None = None,
     batch_size: int = 64,
     workers: int = 0,
     seed: int = 0,
     train_augment: bool = True,
+    train_sampler: SamplerFactory | None = None,
 ) -> DataLoaders:
     """The shipped Fashion-MNIST subset (6000 train / 1000 test, 10 classes; see prunekit/_data/README.md):
-    grayscale repeated to 3 channels, resized to `input_size`, normalised with the subset's own
-    statistics unless `mean`/`std` are given. Its test split is the validation split."""
-    _check_loader_args(input_size, batch_size, workers)
+    grayscale (repeated to 3 channels for an RGB model), resized to `input_shape`, normalised with the
+    subset's own statistics unless `mean`/`std` are given. Its test split is the validation split."""
+    _check_loader_args(input_shape, batch_size, workers)
     arrays = _builtin_arrays()
-    own_mean = (float(arrays["mean"]),) * 3
-    own_std = (float(arrays["std"]),) * 3
-    mean, std = mean or own_mean, std or own_std  # type: ignore[assignment]
-    val_tf = eval_transform(input_size, mean, std)
-    train_tf = train_transform(input_size, mean, std) if train_augment else val_tf
+    own_mean = (float(arrays["mean"]),) * input_shape[0]
+    own_std = (float(arrays["std"]),) * input_shape[0]
+    mean, std = mean or own_mean, std or own_std
+    val_tf = eval_transform(input_shape, mean, std)
+    train_tf = train_transform(input_shape, mean, std) if train_augment else val_tf
     train = ArrayImages(arrays["train_images"], arrays["train_labels"], train_tf)
     val = ArrayImages(arrays["test_images"], arrays["test_labels"], val_tf)
     classes = tuple(str(c) for c in arrays["classes"])
-    return _loaders(train, val, classes, input_size, batch_size, workers, seed)
+    return _loaders(train, val, classes, batch_size, workers, seed, train_sampler)
 
 
 class ArrayImages(Dataset):
@@ -169,23 +177,36 @@ class ArrayImages(Dataset):
         return self.transform(image), int(self.labels[index])
 
 
-def train_transform(input_size: int, mean: Stats, std: Stats) -> v2.Compose:
+def _size(input_shape: Shape) -> int | tuple[int, int]:
+    # a square shape resizes the shorter side (torchvision's convention), keeping the aspect ratio
+    _, h, w = input_shape
+    return h if h == w else (h, w)
+
+
+def train_transform(input_shape: Shape, mean: Stats, std: Stats) -> v2.Compose:
     """Random resized crops for large inputs; pad-and-crop for small (CIFAR-sized) ones; both flip."""
-    if input_size <= SMALL_INPUT:
+    _, h, w = input_shape
+    if max(h, w) <= SMALL_INPUT:
         geometry = [
-            v2.Resize(input_size, antialias=True),
-            v2.RandomCrop(input_size, padding=input_size // 8),
+            v2.Resize(_size(input_shape), antialias=True),
+            v2.RandomCrop((h, w), padding=h // 8),
         ]
     else:
-        geometry = [v2.RandomResizedCrop(input_size, antialias=True)]
-    return v2.Compose([v2.ToImage(), *geometry, v2.RandomHorizontalFlip(), *_to_normalised(mean, std)])
+        geometry = [v2.RandomResizedCrop((h, w), antialias=True)]
+    return v2.Compose(
+        [v2.ToImage(), *geometry, v2.RandomHorizontalFlip(), *_to_normalised(input_shape, mean, std)]
+    )
 
 
-def eval_transform(input_size: int, mean: Stats, std: Stats) -> v2.Compose:
+def eval_transform(input_shape: Shape, mean: Stats, std: Stats) -> v2.Compose:
     """Resize to 256/224 of the crop and centre-crop (ImageNet practice); small inputs: resize only."""
-    resize = input_size if input_size <= SMALL_INPUT else int(input_size * 256 / 224)
-    geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(input_size)]
-    return v2.Compose([v2.ToImage(), *geometry, *_to_normalised(mean, std)])
+    _, h, w = input_shape
+    if max(h, w) <= SMALL_INPUT:
+        resize = _size(input_shape)
+    else:
+        resize = int(h * 256 / 224) if h == w else (int(h * 256 / 224), int(w * 256 / 224))
+    geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop((h, w))]
+    return v2.Compose([v2.ToImage(), *geometry, *_to_normalised(input_shape, mean, std)])
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -206,8 +227,9 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
 # -- internals ---------------------------------------------------------------------------------------------
 
 
-def _to_normalised(mean: Stats, std: Stats) -> list[Any]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+def _to_normalised(input_shape: Shape, mean: Stats, std: Stats) -> list[Any]:
+    channels = [v2.Grayscale(1)] if input_shape[0] == 1 else []
+    return [*channels, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def _image_folder(root: Path, transform: Any) -> datasets.ImageFolder:
@@ -232,20 +254,25 @@ def _loaders(
     train: Dataset,
     val: Dataset,
     classes: tuple[str, ...],
-    input_size: int,
     batch_size: int,
     workers: int,
     seed: int,
+    train_sampler: SamplerFactory | None,
 ) -> DataLoaders:
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": workers}
     if workers > 0:
         common["persistent_workers"] = True
+    # the generator is kept even with a sampler: resume saves and restores its state
+    order: dict[str, Any] = {"generator": torch.Generator().manual_seed(seed)}
+    if train_sampler is None:
+        order["shuffle"] = True
+    else:
+        order["sampler"] = train_sampler(train)
     return DataLoaders(
-        train=DataLoader(train, shuffle=True, generator=torch.Generator().manual_seed(seed), **common),
+        train=DataLoader(train, **order, **common),
         val=DataLoader(val, shuffle=False, **common),
         num_classes=len(classes),
         classes=classes,
-        input_size=input_size,
     )
 
 
@@ -258,9 +285,12 @@ def _builtin_arrays() -> dict[str, np.ndarray]:
         raise DataError(f"the built-in dataset {BUILTIN_FILE} is missing from the installation") from None
 
 
-def _check_loader_args(input_size: int, batch_size: int, workers: int) -> None:
-    if input_size < 8:
-        raise ConfigError(f"input size must be at least 8 pixels, got {input_size}")
+def _check_loader_args(input_shape: Shape, batch_size: int, workers: int) -> None:
+    c, h, w = input_shape
+    if min(h, w) < 8:
+        raise ConfigError(f"input size must be at least 8 pixels, got {h}x{w}")
+    if c not in (1, 3):
+        raise ConfigError(f"image data gives 1 (grayscale) or 3 (RGB) channels; the model takes {c}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0:

@@ -5,9 +5,10 @@ into a single self-contained ``.onnx`` file, validates it and compares onnxrunti
 
 Guarantees:
 
-* The file at ``path`` is written atomically: the export goes to a hidden temporary file in the
-  same directory, which is checked and only then moved onto ``path`` with ``os.replace``. On any
-  failure no temporary file is left behind and an existing file at ``path`` is untouched.
+* The file at ``path`` is written atomically through :func:`prunekit.fileio.atomic_path`: the
+  export goes to a hidden temporary file in the same directory, which is checked, verified, flushed
+  to disk and only then moved onto ``path`` with ``os.replace``. On any failure no temporary file
+  (nor an external-data sidecar of one) is left behind and an existing file at ``path`` is untouched.
 * Nothing is printed. The exporters write progress, warnings and (from C++) whole graphs to
   stdout/stderr; all of it is captured at the file-descriptor level while exporting and only
   summarised in the one-line error message when the export fails. Note that this redirection is
@@ -28,7 +29,6 @@ import ctypes
 import io
 import os
 import re
-import secrets
 import sys
 import tempfile
 import time
@@ -42,7 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit import parity
 from prunekit.errors import ExportError, VerificationError
+from prunekit.fileio import atomic_path
+from prunekit.onnxrt import cpu_session
 
 __all__ = [
     "DYNAMO_MIN_OPSET",
@@ -66,6 +69,7 @@ ORT_THREADS = 2
 _PROTO_LIMIT = 2**31
 _WEIGHTS_LIMIT = _PROTO_LIMIT - 64 * 2**20
 _MESSAGE_CHARS = 400
+_SIDECAR = ".data"  # the exporters' external-data file is <model file>.data
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CLASS_REPR = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
 
@@ -91,7 +95,7 @@ class ExportResult:
     @property
     def tolerance(self) -> float:
         """The absolute tolerance that ``max_abs_diff`` was held to."""
-        return self.rtol * max(1.0, self.max_abs_ref)
+        return parity.tolerance(self.rtol, self.max_abs_ref)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable data."""
@@ -121,6 +125,7 @@ def export_onnx(
     dynamo: bool | None = None,
     seed: int = 0,
     inputs: torch.Tensor | None = None,
+    staged: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``path``, check it and verify it against PyTorch.
 
@@ -133,37 +138,29 @@ def export_onnx(
             static batch into the graph).
         verify_batch: batch size for the parity check; must differ from ``export_batch``. Batch 1
             is checked as well.
-        rtol: parity passes when ``max|onnx - torch| <= rtol * max(1, max|torch|)``.
+        rtol: parity passes when ``max|onnx - torch| <= rtol * max|torch|`` (see :mod:`prunekit.parity`).
         dynamo: ``True`` dynamo exporter only, ``False`` TorchScript only, ``None`` dynamo with a
             TorchScript fallback (or TorchScript directly for opsets below 18).
         seed: seed of the random example and verification inputs.
         inputs: an optional real batch ``(N, C, H, W)`` checked in addition to the random ones.
+        staged: ``path`` is already a staging file from :func:`staging` that the caller moves into
+            place (together with another file); it is written directly, with no second temporary.
 
     Raises:
-        ExportError: bad arguments, unwritable path, model too large, exporter or checker failure.
+        ConfigError: ``path`` cannot be written (missing directory, a directory, read-only).
+        ExportError: bad arguments, model too large, exporter or checker failure.
         VerificationError: onnxruntime disagrees with PyTorch or the batch axis is not dynamic.
     """
     path = Path(path)
     shape = _check_shape(input_shape)
-    _check_int("export_batch", export_batch, minimum=2)
-    _check_int("verify_batch", verify_batch, minimum=1)
-    _check_int("seed", seed, minimum=0)
-    if verify_batch == export_batch:
-        raise ExportError(
-            f"verify_batch ({verify_batch}) must differ from export_batch ({export_batch}) "
-            "so that the parity check proves the batch axis is dynamic"
-        )
-    if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 < rtol < 1):
-        raise ExportError(f"rtol must be a number in (0, 1), got {rtol!r}")
+    _check_numbers(export_batch, verify_batch, seed, rtol)
     real = _check_inputs(inputs, shape)
     plan = _plan_exporters(opset, dynamo)
     _import("onnx")
     _import("onnxruntime")
     _check_weights_size(model)
-    _check_target(path)
 
-    tmp = _reserve_temp(path)
-    try:
+    with staging(path) if not staged else contextlib.nullcontext(path) as tmp:
         with _prepared(model):
             gen = torch.Generator().manual_seed(seed)
             example = torch.randn((export_batch, *shape), generator=gen)
@@ -177,14 +174,6 @@ def export_onnx(
             exporter, seconds, fallback, notes = _export_with_fallback(model, example, tmp, plan)
         actual_opset = _validate_file(tmp, exporter)
         diff, ref_max = _verify_parity(tmp, checks, refs, rtol, exporter, actual_opset, fallback)
-        _fsync(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        _remove_quietly(tmp)
-        _remove_quietly(_sidecar(tmp))
 
     return ExportResult(
         path=path,
@@ -203,12 +192,31 @@ def export_onnx(
     )
 
 
+def staging(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """The temporary file an export goes to before it replaces `path` (see fileio.atomic_path). A
+    caller that stages the export together with another file uses this and `export_onnx(staged=True)`."""
+    return atomic_path(Path(path), suffix=".tmp.onnx", fsync=True, sidecars=(_SIDECAR,))
+
+
 # --------------------------------------------------------------------------- argument checks
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ExportError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_numbers(export_batch: object, verify_batch: object, seed: object, rtol: object) -> None:
+    _check_int("export_batch", export_batch, minimum=2)
+    _check_int("verify_batch", verify_batch, minimum=1)
+    _check_int("seed", seed, minimum=0)
+    if verify_batch == export_batch:
+        raise ExportError(
+            f"verify_batch ({verify_batch}) must differ from export_batch ({export_batch}) "
+            "so that the parity check proves the batch axis is dynamic"
+        )
+    if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 < rtol < 1):
+        raise ExportError(f"rtol must be a number in (0, 1), got {rtol!r}")
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -240,22 +248,16 @@ def _plan_exporters(opset: object, dynamo: bool | None) -> list[tuple[str, int]]
     if dynamo is not None and not isinstance(dynamo, bool):
         raise ExportError(f"dynamo must be True, False or None, got {dynamo!r}")
     top = max_opset()
-    if dynamo is True:
-        if not DYNAMO_MIN_OPSET <= opset <= top:
+    if dynamo is not None:
+        ranges = {"dynamo": (DYNAMO_MIN_OPSET, top), "TorchScript": (MIN_OPSET, TORCHSCRIPT_MAX_OPSET)}
+        chosen, other = ("dynamo", "TorchScript") if dynamo else ("TorchScript", "dynamo")
+        (lo, hi), (other_lo, other_hi) = ranges[chosen], ranges[other]
+        if not lo <= opset <= hi:
             raise ExportError(
-                f"opset {opset} is not supported by the dynamo exporter (supported: "
-                f"{DYNAMO_MIN_OPSET}-{top}); pick one in that range or use the TorchScript "
-                f"exporter for opsets {MIN_OPSET}-{TORCHSCRIPT_MAX_OPSET}"
+                f"opset {opset} is not supported by the {chosen} exporter (supported: {lo}-{hi}); "
+                f"pick one in that range or use the {other} exporter for opsets {other_lo}-{other_hi}"
             )
-        return [("dynamo", opset)]
-    if dynamo is False:
-        if not MIN_OPSET <= opset <= TORCHSCRIPT_MAX_OPSET:
-            raise ExportError(
-                f"opset {opset} is not supported by the TorchScript exporter (supported: "
-                f"{MIN_OPSET}-{TORCHSCRIPT_MAX_OPSET}); use the dynamo exporter for opsets "
-                f"{DYNAMO_MIN_OPSET}-{top}"
-            )
-        return [("torchscript", opset)]
+        return [(chosen.lower(), opset)]
     if not MIN_OPSET <= opset <= top:
         raise ExportError(
             f"opset {opset} is out of the supported range {MIN_OPSET}-{top} "
@@ -287,47 +289,9 @@ def _check_weights_size(model: nn.Module) -> None:
         )
 
 
-def _check_target(path: Path) -> None:
-    """Fail fast, before the slow export, when ``path`` cannot be written."""
-    parent = path.parent
-    if path.is_dir():
-        raise ExportError(f"cannot write {path}: it is a directory")
-    if not parent.exists():
-        raise ExportError(f"cannot write {path}: directory {parent} does not exist")
-    if not parent.is_dir():
-        raise ExportError(f"cannot write {path}: {parent} is not a directory")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ExportError(f"cannot write {path}: the existing file is read-only")
-
-
-def _reserve_temp(path: Path) -> Path:
-    """Create the hidden temporary file next to ``path`` (also proves the directory is writable)."""
-    tmp = path.parent / f".{path.stem}.{secrets.token_hex(6)}.tmp.onnx"
-    try:
-        with open(tmp, "xb"):
-            pass
-    except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return tmp
-
-
 def _sidecar(tmp: Path) -> Path:
-    return tmp.with_name(tmp.name + ".data")
-
-
-def _remove_quietly(p: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        p.unlink()
-
-
-def _fsync(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Where an exporter puts external data for ``tmp`` (prunekit expects none)."""
+    return tmp.with_name(tmp.name + _SIDECAR)
 
 
 def _import(name: str) -> Any:
@@ -526,7 +490,8 @@ def _export_with_fallback(
             _check_written(tmp)
         except Exception as exc:  # noqa: BLE001 - exporters raise anything; summarised below
             failures.append(f"{name} exporter: {_summarize(exc, captured.text)}")
-            _remove_quietly(_sidecar(tmp))
+            with contextlib.suppress(FileNotFoundError):
+                _sidecar(tmp).unlink()
             continue
         seconds = time.perf_counter() - start
         notes = _export_notes(captured)
@@ -603,21 +568,6 @@ def _validate_file(tmp: Path, exporter: str) -> int:
     return int(opsets[0])
 
 
-def _ort_session(tmp: Path, exporter: str, opset: int) -> Any:
-    ort = _import("onnxruntime")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = ORT_THREADS
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
-    try:
-        with _quiet():
-            return ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ExportError(
-            f"onnxruntime cannot load the {exporter} export (opset {opset}): {_summarize(exc)}"
-        ) from exc
-
-
 def _verify_parity(
     tmp: Path,
     checks: list[tuple[str, torch.Tensor]],
@@ -631,7 +581,8 @@ def _verify_parity(
     where = f"{exporter} exporter, opset {opset}"
     if fallback:
         where += f"; fallback after {_one_line(fallback, 160)}"
-    session = _ort_session(tmp, exporter, opset)
+    with _quiet():
+        session = cpu_session(tmp, ORT_THREADS, what=f"the {exporter} export (opset {opset})")
     graph_inputs = session.get_inputs()
     if len(graph_inputs) != 1:
         raise ExportError(f"the exported graph has {len(graph_inputs)} inputs; expected 1 ({where})")
@@ -677,10 +628,9 @@ def _verify_parity(
                 if diff > max_diff:
                     max_diff, worst = diff, label
                 max_ref = max(max_ref, float(np.max(np.abs(want))))
-    tolerance = rtol * max(1.0, max_ref)
-    if not max_diff <= tolerance:
+    result = parity.Parity(max_diff, max_ref, rtol)
+    if not result.ok:
         raise VerificationError(
-            f"onnxruntime differs from PyTorch: max |diff| {max_diff:.3g} (on a {worst}) > tolerance "
-            f"{tolerance:.3g} (rtol {rtol:g} x max(1, max |ref| {max_ref:.3g})) ({where})"
+            f"onnxruntime differs from PyTorch on a {worst}: {result.describe()} ({where})"
         )
     return max_diff, max_ref

@@ -14,36 +14,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.config import GateConfig
 from prunekit.errors import ConfigError
 from prunekit.graph import ChannelGraph
-from prunekit.slim import mask_hook, with_ones
+from prunekit.masking import mask_hook, with_ones
+from prunekit.plan import ChannelPlan, plan_from_units
 
 GATES_ATTR = "prunekit_gates"
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    granularity: int = 8  # channels per gate; surviving widths come out in multiples of it
-    min_keep: float = 0.5  # fraction of each group always kept (its most important gates); see docs/recipe.md
-    init_on: float = 4.0  # initial on-logit of the most important gate (paper: [0.1, 4] for every gate)
-    init_off: float = 0.1  # initial off-logit
-    init_spread: float = 2.0  # the least important gate starts with its on-logit lowered by this much
-
-    def __post_init__(self) -> None:
-        if self.granularity < 1:
-            raise ConfigError(f"granularity must be >= 1, got {self.granularity}")
-        if not 0.0 <= self.min_keep < 1.0:
-            raise ConfigError(f"min_keep must be in [0, 1), got {self.min_keep}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -109,7 +93,13 @@ def sample_gates(logits: torch.Tensor, tau: float, hard: bool = True) -> torch.T
 
 
 class GateBank(nn.Module):
-    """All gates of a model. Holds logits (G, 2); produces unit activity (N, U) or (1, U)."""
+    """All static gates of a model (one logit pair per gate, the same for every input).
+
+    Holds logits (G, 2) and produces unit activity (N, U) in training or (1, U) once deterministic.
+    `decided` is a persistent buffer: once `fix_` has set the decisions, the bank gives them in train
+    mode too, so a user's `model.train()` (or DDP, or BN recalibration) never turns sampling back on."""
+
+    kind = "static"  # recorded in checkpoints; another kind of bank (input-dependent gates) loads by its own
 
     def __init__(self, layout: GateLayout, config: GateConfig) -> None:
         super().__init__()
@@ -118,6 +108,7 @@ class GateBank(nn.Module):
         self.tau = 1.0
         self.register_buffer("unit_gate", torch.tensor(layout.unit_gate, dtype=torch.long), persistent=False)
         self.register_buffer("fixed_on", torch.tensor(layout.fixed_on, dtype=torch.bool), persistent=False)
+        self.register_buffer("decided", torch.tensor(False))
         self.logits = nn.Parameter(self._initial_logits())
         self.current: torch.Tensor | None = None  # unit activity (N, U) for the forward pass in flight
         self.current_ext: torch.Tensor | None = None  # the same with a trailing ones column (mask hooks)
@@ -138,24 +129,70 @@ class GateBank(nn.Module):
     def num_gates(self) -> int:
         return self.layout.num_gates
 
+    @property
+    def is_decided(self) -> bool:
+        return bool(self.decided)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether a forward pass draws Gumbel samples (training and not yet decided)."""
+        return self.training and not self.is_decided
+
     def decisions(self) -> torch.Tensor:
         """Deterministic gate states (G,) bool: on iff logit_on > logit_off (fixed gates always on)."""
         return (self.logits[:, 1] > self.logits[:, 0]) | self.fixed_on
 
+    @torch.no_grad()
+    def fix_(self, states: torch.Tensor) -> None:
+        """Make `states` (G,) bool the final decisions: logits saturated at +-5, `decided` set."""
+        states = states.to(self.logits.device) | self.fixed_on
+        self.logits[:, 0] = 0.0
+        self.logits[:, 1] = torch.where(states, 5.0, -5.0).to(self.logits.dtype)
+        self.decided.fill_(True)
+
     def gate_values(self, batch: int) -> torch.Tensor:
-        """(N, G) samples in training, (1, G) decisions in eval."""
-        if self.training:
+        """(N, G) samples while sampling, else (1, G) decisions."""
+        if self.sampling:
             sampled = sample_gates(self.logits.unsqueeze(0).expand(batch, -1, -1), self.tau)
             return torch.where(self.fixed_on, torch.ones_like(sampled), sampled)
         return self.decisions().to(self.logits.dtype).unsqueeze(0)
 
     def unit_values(self, gate_values: torch.Tensor) -> torch.Tensor:
+        """Gate values (N, G) -> unit activity (N, U)."""
         return gate_values[:, self.unit_gate]
 
-    def probabilities(self) -> torch.Tensor:
-        """P(on) per gate under the Gumbel-softmax with temperature 1 (fixed gates: 1)."""
-        p = torch.softmax(self.logits, dim=-1)[:, 1]
-        return torch.where(self.fixed_on, torch.ones_like(p), p)
+    def unit_activity(self, states: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit activity (1, U) of gate states (G,) (default: the current decisions)."""
+        states = self.decisions() if states is None else states
+        return self.unit_values(states.to(self.logits.dtype).unsqueeze(0))
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint stores to rebuild this bank (the logits travel in the state_dict)."""
+        return {
+            "kind": self.kind,
+            "config": self.config.to_dict(),
+            "layout": self.layout.to_dict(),
+            "tau": float(self.tau),
+        }
+
+
+GATE_KINDS: dict[str, type[GateBank]] = {GateBank.kind: GateBank}
+
+
+def gate_bank_from_description(description: dict[str, Any]) -> GateBank:
+    """Rebuild a bank from `GateBank.describe()` output (a missing kind is a format-1 static bank)."""
+    kind = description.get("kind", GateBank.kind)
+    cls = GATE_KINDS.get(kind)
+    if cls is None:
+        raise ConfigError(f"unknown gate kind {kind!r} (this prunekit knows {', '.join(GATE_KINDS)})")
+    bank = cls(GateLayout.from_dict(description["layout"]), GateConfig(**description["config"]))
+    bank.tau = float(description.get("tau", 1.0))
+    return bank
+
+
+def plan_from_gates(graph: ChannelGraph, bank: GateBank) -> ChannelPlan:
+    """The channel plan of the bank's deterministic decisions: the units whose gates are open."""
+    return plan_from_units(graph, bank.unit_activity()[0].bool().tolist())
 
 
 def _pre_hook(bank: GateBank):
@@ -205,12 +242,15 @@ def get_gates(model: nn.Module) -> GateBank | None:
 
 
 __all__ = [
+    "GATE_KINDS",
     "GateBank",
     "GateConfig",
     "GateLayout",
     "get_gates",
+    "gate_bank_from_description",
     "insert_gates_",
     "make_layout",
+    "plan_from_gates",
     "remove_gates_",
     "sample_gates",
 ]

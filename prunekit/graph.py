@@ -114,9 +114,9 @@ class ParamSlice:
 
 @dataclass(frozen=True)
 class MacTerm:
-    """MACs of one op as a function of unit activity a[u] in {0, 1} (a[-1] = 1):
-    - "dense": factor * sum(a[in_units]) * sum(a[out_units])
-    - "linear": factor * sum(a[units])  (grouped convs: one entry per conv group)
+    """MACs of one op as a function of unit activity a[u] in {0, 1} (a[-1] = 1), by `kind`:
+    - "bilinear": factor * sum(a[in_units]) * sum(a[out_units])  (conv, linear)
+    - "per_unit": factor * sum(a[units])  (grouped convs: one entry per conv group)
     """
 
     name: str
@@ -128,7 +128,7 @@ class MacTerm:
 
     def macs(self, active: Callable[[int], float] | None = None) -> float:
         a = active or (lambda _u: 1.0)
-        if self.kind == "dense":
+        if self.kind == "bilinear":
             return (
                 self.factor
                 * sum(a(u) if u >= 0 else 1.0 for u in self.in_units)
@@ -137,7 +137,8 @@ class MacTerm:
         return self.factor * sum(a(u) if u >= 0 else 1.0 for u in self.units)
 
     @property
-    def gateable(self) -> bool:
+    def prunable(self) -> bool:
+        """Whether the cost depends on at least one prunable unit."""
         return any(u >= 0 for u in (*self.in_units, *self.out_units, *self.units))
 
 
@@ -163,7 +164,7 @@ class ChannelGraph:
     @property
     def prunable_macs(self) -> int:
         """MACs of the ops whose cost depends on at least one prunable unit."""
-        return int(sum(t.macs() for t in self.mac_terms if t.gateable))
+        return int(sum(t.macs() for t in self.mac_terms if t.prunable))
 
     def macs(self, keep: Iterable[bool] | None = None) -> int:
         """Modeled MACs with the given units kept (None: all kept)."""
@@ -187,6 +188,16 @@ class ChannelGraph:
 # --------------------------------------------------------------------------------------------------
 # Union-find over atoms, with spaces and frozen reasons
 # --------------------------------------------------------------------------------------------------
+
+
+def _find_root(parent: list[int], x: int) -> int:
+    """Root of `x` in the union-find forest `parent`; compresses the path from `x` to it in place."""
+    root = x
+    while parent[root] != root:
+        root = parent[root]
+    while parent[x] != root:
+        parent[x], x = root, parent[x]
+    return root
 
 
 class _Atoms:
@@ -214,22 +225,10 @@ class _Atoms:
         return self._frozen_cache[key]
 
     def find(self, a: int) -> int:
-        parent = self.parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
+        return _find_root(self.parent, a)
 
     def find_space(self, s: int) -> int:
-        sp = self._space_parent
-        root = s
-        while sp[root] != root:
-            root = sp[root]
-        while sp[s] != root:
-            sp[s], s = root, sp[s]
-        return root
+        return _find_root(self._space_parent, s)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -260,9 +259,6 @@ class _Atoms:
         for a in torch.unique(labels[labels >= 0]).tolist():
             root = self.find(a)
             self.frozen.setdefault(root, (where, reason))
-
-    def is_frozen(self, a: int) -> bool:
-        return self.find(a) in self.frozen
 
     def frozen_flags(self) -> torch.Tensor:
         """A bool per atom: frozen now (a snapshot; later unions or freezes do not update it)."""
@@ -921,12 +917,48 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     froze = True
     while froze:
         masks, froze = _place_masks(an, gm.graph)
-    return _build(an, gm, masks, tuple(example_input.shape[1:]))
+    return _build(an, masks, tuple(example_input.shape[1:]))
 
 
-def _build(
-    an: _Analyzer, gm: fx.GraphModule, masks: dict[fx.Node, int], input_shape: tuple[int, ...]
-) -> ChannelGraph:
+# --------------------------------------------------------------------------------------------------
+# Assembling the ChannelGraph
+# --------------------------------------------------------------------------------------------------
+
+
+def _build(an: _Analyzer, masks: dict[fx.Node, int], input_shape: tuple[int, ...]) -> ChannelGraph:
+    num = _number_units(an)
+    module_slices, mac_terms = _slices_and_terms(an, num)
+    return ChannelGraph(
+        input_shape=input_shape,
+        groups=_groups(num, module_slices, mac_terms),
+        frozen=_frozen_channels(an),
+        mask_points=_mask_points(an, masks, num),
+        module_slices=module_slices,
+        param_slices=_param_slices(an, num),
+        mac_terms=mac_terms,
+        unit_group=tuple(num.unit_group),
+    )
+
+
+@dataclass(frozen=True)
+class _Numbering:
+    """Global unit ids of the non-frozen atom roots, numbered group by group."""
+
+    atoms: _Atoms
+    unit_of_root: dict[int, int]
+    unit_group: list[int]  # group index of every unit
+    groups_meta: list[tuple[int, str, int, int]]  # (offset, name, units, channels) per group
+
+    def units(self, t: torch.Tensor | None) -> tuple[int, ...]:
+        """The unit of each atom of `t` (-1: no atom, or frozen)."""
+        if t is None:
+            return ()
+        find, unit_of_root = self.atoms.find, self.unit_of_root
+        return tuple(unit_of_root.get(find(a), -1) if a >= 0 else -1 for a in t.tolist())
+
+
+def _number_units(an: _Analyzer) -> _Numbering:
+    """One unit per non-frozen atom root; one group per space, named after its first producer."""
     atoms = an.atoms
     unit_of_root: dict[int, int] = {}
     units_by_space: dict[int, list[int]] = defaultdict(list)
@@ -969,42 +1001,50 @@ def _build(
             unit_of_root[root] = offset + k
             unit_group.append(gi)
         groups_meta.append((offset, space_name[space], len(roots), space_channels[space]))
+    return _Numbering(atoms, unit_of_root, unit_group, groups_meta)
 
-    def units(t: torch.Tensor | None) -> tuple[int, ...]:
-        if t is None:
-            return ()
-        return tuple(unit_of_root.get(atoms.find(a), -1) if a >= 0 else -1 for a in t.tolist())
 
+def _slices_and_terms(an: _Analyzer, num: _Numbering) -> tuple[tuple[ModuleSlice, ...], tuple[MacTerm, ...]]:
+    """How to slice each layer, and the MAC term of each layer that multiplies-accumulates."""
     module_slices: list[ModuleSlice] = []
     mac_terms: list[MacTerm] = []
-    producers: dict[int, list[str]] = defaultdict(list)
-    consumers: dict[int, list[str]] = defaultdict(list)
-    group_macs: dict[int, float] = defaultdict(float)
     for r in an.records:
-        u_in, u_out = units(r.in_atoms), units(r.out_atoms)
+        u_in, u_out = num.units(r.in_atoms), num.units(r.out_atoms)
         if r.kind in ("conv", "linear"):
             module_slices.append(ModuleSlice(r.name, r.kind, u_in, u_out))
-            term = MacTerm(r.name, "dense", r.factor, in_units=u_in, out_units=u_out)
-            _add_roles(producers, u_out, unit_group, r.name)
-            _add_roles(consumers, u_in, unit_group, r.name)
+            mac_terms.append(MacTerm(r.name, "bilinear", r.factor, in_units=u_in, out_units=u_out))
         elif r.kind == "conv_blockwise":
             module_slices.append(ModuleSlice(r.name, r.kind, u_in, u_out))
             g = r.extra["groups"]
             cout = len(u_out) // g
-            term = MacTerm(r.name, "linear", r.factor, units=tuple(u_out[i * cout] for i in range(g)))
-            _add_roles(producers, u_out, unit_group, r.name)
-        else:
-            # BatchNorm folds into the conv before it at export and pooling is not a
-            # multiply-accumulate: neither counts as MACs (the convention of prunekit.measure)
-            if r.kind == "batchnorm":
-                module_slices.append(ModuleSlice(r.name, r.kind, u_in, u_out))
-            continue
-        mac_terms.append(term)
+            units = tuple(u_out[i * cout] for i in range(g))
+            mac_terms.append(MacTerm(r.name, "per_unit", r.factor, units=units))
+        # No MAC term for the rest: BatchNorm folds into the conv before it at export and pooling is
+        # not a multiply-accumulate (the convention of prunekit.measure).
+        elif r.kind == "batchnorm":
+            module_slices.append(ModuleSlice(r.name, r.kind, u_in, u_out))
+    return tuple(module_slices), tuple(mac_terms)
+
+
+def _groups(
+    num: _Numbering, module_slices: tuple[ModuleSlice, ...], mac_terms: tuple[MacTerm, ...]
+) -> tuple[ChannelGroup, ...]:
+    """The channel groups with their roles: producers write a group's channels, dense consumers (conv,
+    linear) read them; a group's MACs are those of every term that touches one of its units."""
+    unit_group = num.unit_group
+    producers: dict[int, list[str]] = defaultdict(list)
+    consumers: dict[int, list[str]] = defaultdict(list)
+    for s in module_slices:
+        if s.kind in ("conv", "linear", "conv_blockwise"):
+            _add_roles(producers, s.out_units, unit_group, s.module)
+        if s.kind in ("conv", "linear"):
+            _add_roles(consumers, s.in_units, unit_group, s.module)
+    group_macs: dict[int, float] = defaultdict(float)
+    for term in mac_terms:
         macs = term.macs()
         for gi in {unit_group[u] for u in (*term.in_units, *term.out_units, *term.units) if u >= 0}:
             group_macs[gi] += macs
-
-    groups = tuple(
+    return tuple(
         ChannelGroup(
             index=gi,
             name=name,
@@ -1015,21 +1055,33 @@ def _build(
             consumers=tuple(dict.fromkeys(consumers[gi])),
             macs=int(group_macs[gi]),
         )
-        for gi, (offset, name, n_units, channels) in enumerate(groups_meta)
+        for gi, (offset, name, n_units, channels) in enumerate(num.groups_meta)
     )
 
+
+def _add_roles(roles: dict[int, list[str]], units: tuple[int, ...], unit_group: list[int], name: str) -> None:
+    for gi in {unit_group[u] for u in units if u >= 0}:
+        roles[gi].append(name)
+
+
+def _mask_points(an: _Analyzer, masks: dict[fx.Node, int], num: _Numbering) -> tuple[MaskPoint, ...]:
+    """The unit of each position along each mask point's axis."""
     mask_points = []
     for node, axis in masks.items():
         out = an.labels[node]
         along = out.movedim(axis, -1).reshape(-1, out.shape[axis])[0]
-        mask_points.append(MaskPoint(str(node.target), axis if axis >= 0 else out.dim() + axis, units(along)))
+        mask_points.append(
+            MaskPoint(str(node.target), axis if axis >= 0 else out.dim() + axis, num.units(along))
+        )
+    return tuple(mask_points)
 
+
+def _param_slices(an: _Analyzer, num: _Numbering) -> tuple[ParamSlice, ...]:
+    """The axis and units of each get_attr parameter that holds prunable channels."""
     param_slices = []
     for node, target in an.param_nodes.items():
         labels = an.labels[node]
-        u = torch.tensor([unit_of_root.get(atoms.find(a), -1) for a in labels.reshape(-1).tolist()]).view(
-            labels.shape
-        )
+        u = torch.tensor(num.units(labels.reshape(-1))).view(labels.shape)
         if not bool((u >= 0).any()):
             continue
         axes = [d for d in range(u.dim()) if u.shape[d] > 1 and bool((u != u.narrow(d, 0, 1)).any())]
@@ -1040,8 +1092,12 @@ def _build(
                 target, axes[0], tuple(u.movedim(axes[0], -1).reshape(-1, u.shape[axes[0]])[0].tolist())
             )
         )
+    return tuple(param_slices)
 
-    # channels frozen per reason: the widest tensor a layer reads or writes with that reason's channels
+
+def _frozen_channels(an: _Analyzer) -> tuple[FrozenChannels, ...]:
+    """Channels frozen per reason: the widest tensor a layer reads or writes with that reason's channels."""
+    atoms = an.atoms
     frozen_counts: dict[tuple[str, str], int] = defaultdict(int)
     for r in an.records:
         for t in (r.in_atoms, r.out_atoms):
@@ -1054,24 +1110,9 @@ def _build(
                     per_reason[atoms.frozen[root]] += 1
             for key, count in per_reason.items():
                 frozen_counts[key] = max(frozen_counts[key], count)
-    frozen = tuple(
+    return tuple(
         FrozenChannels(where, reason, count) for (where, reason), count in sorted(frozen_counts.items())
     )
-    return ChannelGraph(
-        input_shape=input_shape,
-        groups=groups,
-        frozen=frozen,
-        mask_points=tuple(mask_points),
-        module_slices=tuple(module_slices),
-        param_slices=tuple(param_slices),
-        mac_terms=tuple(mac_terms),
-        unit_group=tuple(unit_group),
-    )
-
-
-def _add_roles(roles: dict[int, list[str]], units: tuple[int, ...], unit_group: list[int], name: str) -> None:
-    for gi in {unit_group[u] for u in units if u >= 0}:
-        roles[gi].append(name)
 
 
 __all__ = [

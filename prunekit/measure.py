@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit import models
-from prunekit.errors import ConfigError, ExportError
+from prunekit.errors import ConfigError, ExportError, first_line
+from prunekit.modes import training_flags
+from prunekit.onnxrt import cpu_session
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -68,23 +69,6 @@ class LatencyResult:
     threads: int
 
 
-@dataclass(frozen=True)
-class TargetReport:
-    """What `prunekit report` shows for a model name or an ONNX file."""
-
-    target: str
-    kind: str  # "model" or "onnx"
-    arch: str | None
-    weights: str | None
-    num_classes: int | None
-    input_shape: tuple[int, ...]
-    macs: int  # per example
-    params: int
-    modules: tuple[ModuleRow, ...]  # empty for ONNX files
-    latency: LatencyResult | None
-    latency_backend: str | None  # "torch" or "onnxruntime"
-
-
 # -- PyTorch -----------------------------------------------------------------------------------------------
 
 
@@ -96,21 +80,17 @@ def count_params(model: nn.Module) -> int:
 def count_macs(model: nn.Module, inputs: Inputs) -> MacReport:
     """MACs of one forward pass on `inputs` (totals are for the whole batch), per module, and params.
 
-    Counted in eval mode without autograd; the model's training flag is restored afterwards.
+    Counted in eval mode without autograd; every module's training flag is restored afterwards.
     """
     analysis_cls = _fvcore_flop_count_analysis()
-    was_training = model.training
-    model.eval()
-    try:
-        with _quiet_fvcore(), _mha_fastpath_disabled(), torch.no_grad():
-            analysis = analysis_cls(model, inputs)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            for op in _NOT_MACS:
-                analysis.set_op_handle(op, _zero_handle)
-            analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
-            per_module = {name: int(v) for name, v in analysis.by_module().items()}
-    finally:
-        model.train(was_training)
+    with training_flags(model), _quiet_fvcore(), _mha_fastpath_disabled(), torch.no_grad():
+        model.eval()
+        analysis = analysis_cls(model, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        for op in _NOT_MACS:
+            analysis.set_op_handle(op, _zero_handle)
+        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
+        per_module = {name: int(v) for name, v in analysis.by_module().items()}
     per_module_params = _params_by_module(model, per_module)
     return MacReport(
         total_macs=per_module[""],
@@ -136,15 +116,14 @@ def torch_latency_ms(
     """Wall-clock latency of model(inputs) on the current device, with `threads` intra-op threads."""
     _check_timing_args(threads, repeats)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    was_training, previous_threads = model.training, torch.get_num_threads()
-    model.eval()
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
+        with training_flags(model), torch.inference_mode():
+            model.eval()
             times = _time_calls(lambda: model(*args), warmup, repeats, args[0].device)
     finally:
         torch.set_num_threads(previous_threads)
-        model.train(was_training)
     return _latency(times, threads)
 
 
@@ -177,7 +156,7 @@ def onnx_macs_params(path: str | Path, input_size: int | None = None) -> tuple[i
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as err:  # onnx raises InferenceError and others for graphs it cannot type
-        raise ExportError(f"cannot infer shapes in {path}: {_first_line(err)}") from None
+        raise ExportError(f"cannot infer shapes in {path}: {first_line(err)}") from None
 
     graph = inferred.graph
     shapes: dict[str, list[int | None]] = {}
@@ -201,114 +180,13 @@ def onnx_latency_ms(
 ) -> LatencyResult:
     """onnxruntime CPU latency with `threads` intra-op threads (inter-op 1) on a random input."""
     import numpy as np
-    import onnxruntime as ort
 
     _check_timing_args(threads, repeats)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: keep onnxruntime's warnings off the user's terminal
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise ExportError(f"onnxruntime cannot load {path}: {_first_line(err)}") from None
+    session = cpu_session(path, threads)
     first = session.get_inputs()[0]
     feed = {first.name: np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)}
     times = _time_calls(lambda: session.run(None, feed), warmup, repeats, None)
     return _latency(times, threads)
-
-
-# -- report ------------------------------------------------------------------------------------------------
-
-
-def report_target(
-    target: str,
-    weights: str | None = None,
-    num_classes: int | None = None,
-    input_size: int | None = None,
-    depth: int = 1,
-    latency: bool = False,
-    threads: int = 1,
-) -> TargetReport:
-    """Measure a torchvision model by name or an .onnx file (checkpoints: see _load_report_target)."""
-    if depth < 0:
-        raise ConfigError(f"--depth must be 0 or more, got {depth}")
-    if target.lower().endswith(".onnx"):
-        return _report_onnx(target, input_size, latency, threads, weights, num_classes)
-    loaded = _load_report_target(target, weights=weights, num_classes=num_classes)
-    inputs = models.example_input(loaded, batch=1, input_size=input_size)
-    models.check_runs(loaded.model, loaded.arch, inputs)
-    mac_report = count_macs(loaded.model, inputs)
-    timing = torch_latency_ms(loaded.model, inputs, threads) if latency else None
-    return TargetReport(
-        target=target,
-        kind="model",
-        arch=loaded.arch,
-        weights=loaded.weights,
-        num_classes=loaded.num_classes,
-        input_shape=tuple(inputs.shape),
-        macs=mac_report.total_macs,
-        params=mac_report.params,
-        modules=module_rows(mac_report, depth),
-        latency=timing,
-        latency_backend="torch" if latency else None,
-    )
-
-
-def _load_report_target(
-    target: str, weights: str | None = None, num_classes: int | None = None
-) -> models.LoadedModel:
-    """Turn a report target into a loaded model: a torchvision model name, or a prunekit checkpoint
-    (.pt / .pth) measured as the architecture it holds (a gated model without its gate hooks, a slim
-    model at its reduced widths)."""
-    if target.lower().endswith((".pt", ".pth")) or Path(target).is_file():
-        if weights is not None or num_classes is not None:
-            raise ConfigError("--weights and --num-classes apply to model names, not to checkpoints")
-        from prunekit.checkpoint import load_checkpoint
-        from prunekit.gates import get_gates, remove_gates_
-
-        ckpt = load_checkpoint(Path(target))
-        if get_gates(ckpt.model) is not None:
-            remove_gates_(ckpt.model)
-        spec = ckpt.spec
-        return models.LoadedModel(
-            ckpt.model,
-            spec.arch,
-            f"{target} ({ckpt.stage})",
-            spec.num_classes,
-            spec.input_size,
-            spec.mean,
-            spec.std,
-        )
-    return models.load_model(target, weights=weights, num_classes=num_classes)
-
-
-def _report_onnx(
-    target: str,
-    input_size: int | None,
-    latency: bool,
-    threads: int,
-    weights: str | None,
-    num_classes: int | None,
-) -> TargetReport:
-    if weights is not None or num_classes is not None:
-        raise ConfigError("--weights and --num-classes apply to model names, not to ONNX files")
-    shape = onnx_input_shape(target, input_size)
-    macs, params = onnx_macs_params(target, input_size)
-    timing = onnx_latency_ms(target, shape, threads) if latency else None
-    return TargetReport(
-        target=target,
-        kind="onnx",
-        arch=None,
-        weights=None,
-        num_classes=None,
-        input_shape=shape,
-        macs=macs,
-        params=params,
-        modules=(),
-        latency=timing,
-        latency_backend="onnxruntime" if latency else None,
-    )
 
 
 # -- internals ---------------------------------------------------------------------------------------------
@@ -410,7 +288,7 @@ def _load_onnx(path: str | Path) -> Any:
     try:
         return onnx.load(str(path))
     except Exception as err:  # protobuf DecodeError and friends for a file that is not ONNX
-        raise ExportError(f"cannot read {path} as ONNX: {_first_line(err)}") from None
+        raise ExportError(f"cannot read {path} as ONNX: {first_line(err)}") from None
 
 
 def _concrete_input_dims(model: Any, input_size: int | None) -> list[tuple[Any, list[int]]]:
@@ -456,8 +334,3 @@ def _onnx_node_macs(node: Any, shapes: dict[str, list[int | None]], path: str | 
         return prod(out) * k  # out [M, N]
     # MatMul: out [..., M, N], K is the last dim of A (a 1-D A is a single row)
     return prod(out) * shape_of(node.input[0])[-1]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__

@@ -1,4 +1,6 @@
-"""torchvision classification models by name, with weights from the hub cache or a local file.
+"""Model sources: what builds a model from its name, and its weights from the hub cache or a local file.
+
+`resolve_source` is the one seam where a source string becomes a builder (today: torchvision names).
 
 prunekit never downloads: torchvision weights must already be in the torch hub cache
 ($TORCH_HOME/hub/checkpoints), otherwise loading fails with the file name it expected.
@@ -20,7 +22,8 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from prunekit.errors import ConfigError, UnknownModelError, WeightsError
+from prunekit.config import ModelSpec
+from prunekit.errors import ConfigError, UnknownModelError, WeightsError, first_line
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -34,17 +37,6 @@ _INPUT_SIZE_WITHOUT_WEIGHTS: dict[str, int] = {"vit_h_14": 224}
 # Prefixes that training wrappers add to state_dict keys: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _WEIGHT_FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    model: nn.Module  # in eval mode
-    arch: str
-    weights: str | None  # what the user asked for: None, a torchvision weights name or a file path
-    num_classes: int
-    input_size: int  # square input side in pixels
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -80,7 +72,7 @@ def check_arch(name: str) -> str:
 def default_weights(arch: str) -> WeightsEnum | None:
     """torchvision's DEFAULT weights entry for `arch` (metadata only, nothing is loaded)."""
     try:
-        return torchvision.models.get_model_weights(check_arch(arch)).DEFAULT
+        return torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, AttributeError):
         return None
 
@@ -123,40 +115,86 @@ def model_catalog(filter: str | None = None) -> list[ModelInfo]:
     return rows
 
 
-def build_model(arch: str, num_classes: int | None = None) -> nn.Module:
-    """A randomly initialised model in eval mode."""
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    with warnings.catch_warnings():
-        # googlenet / inception_v3 warn about a future change of their default initialisation.
-        warnings.filterwarnings("ignore", message=".*default weight initialization", category=FutureWarning)
-        model = torchvision.models.get_model(check_arch(arch), weights=None, **kwargs)
-    return model.eval()
+class TorchvisionSource:
+    """A torchvision classification model by name: `torchvision.models.get_model` builds it, weights
+    come from the hub cache (never downloaded) or a local state_dict file."""
+
+    kind = "torchvision"
+
+    def __init__(self, arch: str) -> None:
+        self.arch = arch
+
+    def build(self, num_classes: int | None = None) -> nn.Module:
+        """A randomly initialised model in eval mode."""
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        with warnings.catch_warnings():
+            # googlenet / inception_v3 warn about a future change of their default initialisation.
+            warnings.filterwarnings(
+                "ignore", message=".*default weight initialization", category=FutureWarning
+            )
+            model = torchvision.models.get_model(self.arch, weights=None, **kwargs)
+        return model.eval()
+
+    def load(self, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
+        """Build and load `spec.weights`; return the model (eval mode) and the spec with every default
+        filled in: classes from the weights, input shape from their evaluation crop, normalisation from
+        their transforms (else ImageNet's)."""
+        arch, weights, num_classes = self.arch, spec.weights, spec.num_classes
+        tv_weights: WeightsEnum | None = None
+        if weights is None:
+            model = self.build(num_classes)
+            num_classes = num_classes or TORCHVISION_NUM_CLASSES
+        else:
+            source = _resolve_weights(arch, weights)
+            if isinstance(source, Path):
+                model, num_classes = _load_local(self, source, num_classes)
+            else:
+                tv_weights = source
+                model = _load_from_hub(self, source)
+                categories = len(source.meta["categories"])
+                if num_classes is not None and num_classes != categories:
+                    replace_head_(model, num_classes)
+                num_classes = num_classes or categories
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if tv_weights is not None:
+            transforms = tv_weights.transforms()
+            mean, std = tuple(transforms.mean), tuple(transforms.std)
+        size = default_input_size(arch, tv_weights)
+        channels = spec.input_shape[0] if spec.input_shape else 3
+        if channels != 3:
+            raise ConfigError(f"{arch} takes 3-channel (RGB) inputs, not {channels}")
+        full = spec.with_defaults(num_classes=num_classes, input_shape=(3, size, size), mean=mean, std=std)
+        return model.eval(), full
 
 
-def load_model(name: str, weights: str | None = None, num_classes: int | None = None) -> LoadedModel:
-    """Build `name` and load `weights`: None, a torchvision weights name (DEFAULT, IMAGENET1K_V1,
-    ResNet50_Weights.IMAGENET1K_V2) from the hub cache, or a local state_dict file.
+def resolve_source(source: str | None) -> TorchvisionSource:
+    """The one place a model source string is turned into something that builds models. Today: a
+    torchvision classification model name (close matches are suggested for a typo)."""
+    if source is None:
+        raise UnknownModelError(
+            "this model was handed over in memory and cannot be rebuilt from its name: "
+            "pass the model itself (load_checkpoint(path, model=...))"
+        )
+    return TorchvisionSource(check_arch(source))
 
-    `num_classes` with torchvision weights replaces the classifier head with a fresh one; with a local file
-    the model is built for that many classes (inferred from the file's head when not given).
-    """
-    arch = check_arch(name)
-    if num_classes is not None and num_classes < 1:
-        raise ConfigError(f"--num-classes must be at least 1, got {num_classes}")
-    if weights is None:
-        model = build_model(arch, num_classes)
-        return _loaded(model, arch, None, None, num_classes or TORCHVISION_NUM_CLASSES)
 
-    source = _resolve_weights(arch, weights)
-    if isinstance(source, Path):
-        model, num_classes = _load_local(arch, source, num_classes)
-        return _loaded(model, arch, weights, None, num_classes)
+def build_model(source: str, num_classes: int | None = None) -> nn.Module:
+    """A randomly initialised model of `source` in eval mode."""
+    return resolve_source(source).build(num_classes)
 
-    model = _load_from_hub(arch, source)
-    categories = len(source.meta["categories"])
-    if num_classes is not None and num_classes != categories:
-        replace_head_(model, num_classes)
-    return _loaded(model, arch, weights, source, num_classes or categories)
+
+def load_model(
+    spec: ModelSpec | str, weights: str | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, ModelSpec]:
+    """Build the model `spec` describes and load its weights: None, a torchvision weights name (DEFAULT,
+    IMAGENET1K_V1, ResNet50_Weights.IMAGENET1K_V2) from the hub cache, or a local state_dict file.
+
+    `num_classes` with torchvision weights replaces the classifier head with a fresh one; with a local
+    file the model is built for that many classes (inferred from the file's head when not given).
+    A plain string is shorthand for `ModelSpec(source, weights, num_classes)`."""
+    if isinstance(spec, str):
+        spec = ModelSpec(spec, weights=weights, num_classes=num_classes)
+    return resolve_source(spec.source).load(spec)
 
 
 def replace_head_(model: nn.Module, num_classes: int) -> str:
@@ -179,53 +217,21 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
-def check_runs(model: nn.Module, arch: str, x: torch.Tensor) -> None:
-    """A user's --input-size can be too small for the architecture (or fixed by it, as for ViTs): say so
+def check_runs(model: nn.Module, spec: ModelSpec) -> None:
+    """A user's input shape can be too small for the architecture (or fixed by it, as for ViTs): say so
     in one line instead of failing deep inside analysis with a traceback."""
+    x = spec.example_input()
     try:
         with torch.no_grad():
             model(x)
     except (RuntimeError, AssertionError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        size = "x".join(str(d) for d in x.shape[-2:])
+        size = "x".join(str(d) for d in x.shape[1:])
         raise ConfigError(
-            f"{arch} does not run on {size} inputs ({reason}); pick another --input-size"
+            f"{spec.name} does not run on {size} inputs ({first_line(exc)}); pick another --input-shape"
         ) from exc
 
 
-def example_input(
-    loaded_or_arch: LoadedModel | str, batch: int = 1, input_size: int | None = None
-) -> torch.Tensor:
-    """A seeded random batch [batch, 3, size, size] at the model's input size (or `input_size`)."""
-    if input_size is None:
-        if isinstance(loaded_or_arch, LoadedModel):
-            input_size = loaded_or_arch.input_size
-        else:
-            input_size = default_input_size(check_arch(loaded_or_arch))
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 3, input_size, input_size, generator=generator)
-
-
 # -- internals ---------------------------------------------------------------------------------------------
-
-
-def _loaded(
-    model: nn.Module, arch: str, asked: str | None, tv_weights: WeightsEnum | None, num_classes: int
-) -> LoadedModel:
-    if tv_weights is not None:
-        transforms = tv_weights.transforms()
-        mean, std = tuple(transforms.mean), tuple(transforms.std)
-    else:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    return LoadedModel(
-        model=model.eval(),
-        arch=arch,
-        weights=asked,
-        num_classes=num_classes,
-        input_size=default_input_size(arch, tv_weights),
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
-    )
 
 
 def _has_linear(model: nn.Module) -> bool:
@@ -257,7 +263,8 @@ def _resolve_weights(arch: str, spec: str) -> WeightsEnum | Path:
     raise WeightsError(f"unknown weights {spec!r} for {arch}: use one of {names}, or a state_dict file path")
 
 
-def _load_from_hub(arch: str, weights: WeightsEnum) -> nn.Module:
+def _load_from_hub(source: TorchvisionSource, weights: WeightsEnum) -> nn.Module:
+    arch = source.arch
     path = hub_cache_file(weights)
     if not path.is_file():
         raise WeightsError(
@@ -274,31 +281,35 @@ def _load_from_hub(arch: str, weights: WeightsEnum) -> nn.Module:
             model = torchvision.models.get_model(arch, weights=weights)
     except RuntimeError as err:
         categories = len(weights.meta["categories"])
-        reference = build_model(arch, categories)
-        problem = _mismatch_message(path, f"{arch}(num_classes={categories})", reference, state_dict)
-        raise WeightsError(problem or f"cannot load {path}: {_first_line(err)}") from None
+        reference = source.build(categories)
+        problem = mismatch_message(
+            f"weights file {path}", f"{arch}(num_classes={categories})", reference, state_dict
+        )
+        raise WeightsError(problem or f"cannot load {path}: {first_line(err)}") from None
     return model.eval()
 
 
-def _load_local(arch: str, path: Path, num_classes: int | None) -> tuple[nn.Module, int]:
+def _load_local(source: TorchvisionSource, path: Path, num_classes: int | None) -> tuple[nn.Module, int]:
     state_dict = _read_state_dict(path)
     if num_classes is None:
-        num_classes = _infer_num_classes(arch, state_dict) or TORCHVISION_NUM_CLASSES
-    model = build_model(arch, num_classes)
-    problem = _mismatch_message(path, f"{arch}(num_classes={num_classes})", model, state_dict)
+        num_classes = _infer_num_classes(source, state_dict) or TORCHVISION_NUM_CLASSES
+    model = source.build(num_classes)
+    problem = mismatch_message(
+        f"weights file {path}", f"{source.arch}(num_classes={num_classes})", model, state_dict
+    )
     if problem:
         raise WeightsError(problem)
     model.load_state_dict(state_dict)
     return model.eval(), num_classes
 
 
-def _infer_num_classes(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int | None:
+def _infer_num_classes(source: TorchvisionSource, state_dict: Mapping[str, torch.Tensor]) -> int | None:
     """The head size stored in the file, so a 10-class state_dict loads without --num-classes."""
     try:
         with torch.device("meta"):  # no memory, no initialisation cost: we only need module names
-            skeleton = build_model(arch)
+            skeleton = source.build()
     except NotImplementedError:  # regnets compute widths from tensor data, which meta tensors lack
-        skeleton = build_model(arch)
+        skeleton = source.build()
     if not _has_linear(skeleton):
         return None
     name, _ = last_linear(skeleton)
@@ -317,10 +328,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"cannot read weights file {path}: it holds more than tensors (a pickled model?); "
                 "save model.state_dict() instead"
             ) from None
-        raise WeightsError(f"cannot read weights file {path}: {_first_line(err)}") from None
+        raise WeightsError(f"cannot read weights file {path}: {first_line(err)}") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, ValueError... for a damaged file
         raise WeightsError(
-            f"cannot read weights file {path}: not a PyTorch file or truncated ({_first_line(err)})"
+            f"cannot read weights file {path}: not a PyTorch file or truncated ({first_line(err)})"
         ) from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
@@ -336,15 +347,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _mismatch_message(
-    path: Path, built: str, model: nn.Module, state_dict: Mapping[str, torch.Tensor]
+def mismatch_message(
+    what: str, built: str, model: nn.Module, state_dict: Mapping[str, torch.Tensor]
 ) -> str | None:
-    """One line naming missing / unexpected keys and disagreeing shapes, or None if the file fits."""
+    """One line naming missing / unexpected keys and disagreeing shapes, or None if `state_dict` fits.
+    The one wording for "these weights do not fit", for weights files and checkpoints alike."""
     expected = model.state_dict()
     shapes = [
         f"{k}: file {list(state_dict[k].shape)}, model {list(v.shape)}"
         for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor) and state_dict[k].shape != v.shape
     ]
     # BatchNorm tolerates a missing num_batches_tracked, like load_state_dict(strict=True) does.
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
@@ -356,7 +368,7 @@ def _mismatch_message(
         _listing(f"{len(unexpected)} unexpected key(s)", unexpected),
         _listing(f"{len(shapes)} shape mismatch(es)", shapes),
     ]
-    return f"weights file {path} does not fit {built}: " + "; ".join(p for p in parts if p)
+    return f"{what} does not fit {built}: " + "; ".join(p for p in parts if p)
 
 
 def _listing(label: str, items: list[str], first: int = 3) -> str:
@@ -364,8 +376,3 @@ def _listing(label: str, items: list[str], first: int = 3) -> str:
         return ""
     more = f", ... {len(items) - first} more" if len(items) > first else ""
     return f"{label} ({', '.join(items[:first])}{more})"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__

@@ -5,7 +5,7 @@
 B is the batch mean of the fraction of *gateable* MACs left on. A conv's MACs are
 k_h * k_w * H_out * W_out * active_in * active_out, so B is bilinear in the gate values of adjacent
 groups: the loss is FLOP-weighted, not a count of open gates. The user's target is a fraction of
-the WHOLE model's MACs (what fvcore counts); `target_to_t` converts it to t for the gateable part.
+the WHOLE model's MACs (what fvcore counts); `target_to_budget` converts it to t for the gateable part.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ class MacModel(nn.Module):
 
     def __init__(self, graph: ChannelGraph) -> None:
         super().__init__()
-        gateable = [t for t in graph.mac_terms if t.gateable]
-        dense = [t for t in gateable if t.kind == "dense"]
-        linear = [t for t in gateable if t.kind != "dense"]
+        gateable = [t for t in graph.mac_terms if t.prunable]
+        dense = [t for t in gateable if t.kind == "bilinear"]
+        linear = [t for t in gateable if t.kind != "bilinear"]
         self.num_units = graph.num_units
         self.n_dense, self.n_linear = len(dense), len(linear)
         for prefix, lists in (
@@ -62,7 +62,7 @@ class MacModel(nn.Module):
             self.register_buffer(f"{prefix}_count", counts.float(), persistent=False)
         self.register_buffer("dense_factor", torch.tensor([float(t.factor) for t in dense]), persistent=False)
         self.register_buffer("lin_factor", torch.tensor([float(t.factor) for t in linear]), persistent=False)
-        self.full = float(sum(t.macs() for t in gateable))
+        self.gateable_macs = float(sum(t.macs() for t in gateable))  # every gate open
 
     def _active(self, a: torch.Tensor, prefix: str, n_terms: int) -> torch.Tensor:
         fixed = getattr(self, f"{prefix}_fixed")
@@ -82,6 +82,9 @@ class MacModel(nn.Module):
         return macs
 
 
+BUDGET_EPS = 1e-9
+
+
 @dataclass(frozen=True)
 class MacBudget:
     """How a whole-model MACs target maps to the gateable part."""
@@ -98,6 +101,19 @@ class MacBudget:
     def total_fraction(self, gateable_fraction: float) -> float:
         return (self.fixed_macs + gateable_fraction * self.gateable_macs) / self.total_macs
 
+    def fits(self, gateable_fraction: float) -> bool:
+        """The one budget rule: decisions fit when their gateable fraction is at most t (up to rounding
+        error of the float sums, never a visible slack)."""
+        return gateable_fraction <= self.t + BUDGET_EPS
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "total_macs": self.total_macs,
+            "gateable_macs": self.gateable_macs,
+            "target_fraction": self.target_fraction,
+            "t": self.t,
+        }
+
 
 def target_to_budget(
     target_fraction: float, total_macs: float, gateable_macs: float, min_fraction: float
@@ -105,7 +121,7 @@ def target_to_budget(
     """Convert "keep F of the model's MACs" into t; `min_fraction` is the smallest gateable fraction the
     gates can reach (fixed gates on, all others off)."""
     if not 0.0 < target_fraction < 1.0:
-        raise ConfigError(f"--target-macs must be between 0 and 1 (exclusive), got {target_fraction}")
+        raise ConfigError(f"target_macs must be between 0 and 1 (exclusive), got {target_fraction}")
     if gateable_macs <= 0:
         raise ConfigError("nothing in this model can be gated")
     fixed = total_macs - gateable_macs
@@ -113,8 +129,8 @@ def target_to_budget(
     reachable = (fixed + min_fraction * gateable_macs) / total_macs
     if t < min_fraction:
         raise ConfigError(
-            f"--target-macs {target_fraction:g} is out of reach: with the minimum widths the model keeps at "
-            f"least {reachable:.3f} of its MACs (lower --min-keep or pick a target above that)"
+            f"target_macs {target_fraction:g} is out of reach: with the minimum widths the model keeps at "
+            f"least {reachable:.3f} of its MACs (lower min_keep or pick a target above that)"
         )
     return MacBudget(total_macs, gateable_macs, target_fraction, t)
 

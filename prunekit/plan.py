@@ -50,9 +50,6 @@ class ChannelPlan:
                 f"the model {len(names)} (or their names/sizes differ)"
             )
 
-    def kept_units(self) -> int:
-        return sum(len(k) for k in self.keep)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
@@ -224,6 +221,20 @@ def magnitude_plan(
     )
 
 
+def group_widths(graph: ChannelGraph, plan: ChannelPlan | None) -> list[dict[str, Any]]:
+    """Channels per group before and after `plan` (None: nothing removed), one row per group."""
+    kept = plan.keep if plan is not None else [range(g.units) for g in graph.groups]
+    return [
+        {"group": g.name, "before": g.channels, "after": len(k) * g.unit_width, "units": g.units}
+        for g, k in zip(graph.groups, kept, strict=True)
+    ]
+
+
+def is_full(graph: ChannelGraph, plan: ChannelPlan) -> bool:
+    """Whether `plan` keeps every unit (slimming by it removes nothing)."""
+    return all(len(k) == g.units for g, k in zip(graph.groups, plan.keep, strict=True))
+
+
 def plan_from_units(graph: ChannelGraph, keep: Sequence[bool]) -> ChannelPlan:
     """The plan keeping exactly the given units (e.g. the units whose gates are open)."""
     if len(keep) != graph.num_units:
@@ -239,6 +250,8 @@ __all__ = [
     "ChannelPlan",
     "fraction_plan",
     "full_plan",
+    "group_widths",
+    "is_full",
     "magnitude_plan",
     "magnitude_scores",
     "plan_from_scores",

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 import prunekit.export as export_mod
-from prunekit.errors import ExportError, PrunekitError, VerificationError
+from prunekit.errors import ConfigError, ExportError, PrunekitError, VerificationError
 from prunekit.export import ExportResult, export_onnx
 from prunekit.testing import calibrate_batchnorm_
 
@@ -108,7 +108,7 @@ def _assert_matches_torch(model: nn.Module, path: Path, x: torch.Tensor) -> None
         want = model(x).numpy()
     got = _ort_run(path, x)
     assert got.shape == want.shape
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def _dir_listing(directory: Path) -> list[str]:
@@ -141,7 +141,7 @@ def test_resnet18_default_export(resnet18_export) -> None:
     assert (result.export_batch, result.verify_batch) == (2, 3)
     assert result.input_shape == SHAPE
     assert result.size_bytes == path.stat().st_size > 1_000_000
-    assert 0 <= result.max_abs_diff <= 1e-4 * max(1.0, result.max_abs_ref)
+    assert 0 <= result.max_abs_diff <= 1e-4 * result.max_abs_ref
     assert result.max_abs_ref > 0.1  # calibrated BN: a meaningful comparison, not ~0 vs ~0
     onnx.checker.check_model(str(path))
     proto = onnx.load(str(path))
@@ -169,6 +169,7 @@ def test_result_to_dict_is_json(resnet18_export) -> None:
     assert data["exporter"] == "dynamo"
     assert data["input_shape"] == list(SHAPE)
     assert data["tolerance"] == pytest.approx(result.tolerance)
+    assert result.tolerance == pytest.approx(result.rtol * result.max_abs_ref)  # relative to the peak
     for key in ("opset", "export_batch", "verify_batch", "max_abs_diff", "max_abs_ref", "size_bytes"):
         assert key in data
     with pytest.raises(AttributeError):
@@ -185,7 +186,7 @@ def test_tiny_export_is_quiet(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     assert out == ""  # stdout may carry a JSON document
     assert err == ""  # the exporters' warnings and logs are captured too
     assert result.exporter == ("dynamo" if dynamo else "torchscript")
-    assert result.max_abs_diff <= 1e-5 * max(1.0, result.max_abs_ref)
+    assert result.max_abs_diff <= 1e-5 * result.max_abs_ref
     torch.manual_seed(1)
     _assert_matches_torch(model, path, torch.randn(5, 3, 16, 16))
 
@@ -239,7 +240,7 @@ def test_mobilenet_v3_small(tmp_path: Path) -> None:
     path = tmp_path / "mnv3.onnx"
     result = export_onnx(model, path, input_shape=(3, 64, 64))
     assert result.exporter == "dynamo"
-    assert result.max_abs_diff <= 1e-4 * max(1.0, result.max_abs_ref)
+    assert result.max_abs_diff <= 1e-4 * result.max_abs_ref
     _assert_matches_torch(model, path, torch.randn(5, 3, 64, 64))
 
 
@@ -302,6 +303,22 @@ def test_model_that_cannot_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert _dir_listing(tmp_path) == ["model.onnx"]
 
 
+def test_interrupted_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C after the exporter wrote the file and an external-data sidecar: both temporaries go.
+    path = _existing(tmp_path)
+
+    def write_then_interrupt(name, model, example, tmp, opset) -> None:
+        Path(tmp).write_bytes(b"partial")
+        Path(f"{tmp}.data").write_bytes(b"weights")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "_run_exporter", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(_tiny(), path, input_shape=(3, 16, 16))
+    assert path.read_bytes() == b"previous export"
+    assert _dir_listing(tmp_path) == ["model.onnx"]
+
+
 def test_exporter_c_level_output_is_captured(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     # The TorchScript exporter prints "Torch IR graph at exception" to file descriptor 1 from C++.
     capfd.readouterr()
@@ -353,8 +370,11 @@ def test_unwritable_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_p
     (tmp_path / "file.txt").write_text("x")
     monkeypatch.setattr(export_mod, "_run_exporter", _no_export)
     path = make_path(tmp_path)
-    with pytest.raises(ExportError, match=f"cannot write {path}: .*{reason}"):
+    before = _dir_listing(tmp_path)
+    with pytest.raises(ConfigError, match=f"cannot write {path}: .*{reason}") as info:
         export_onnx(TinyNet(), path, input_shape=(3, 8, 8))
+    assert "\n" not in str(info.value)
+    assert _dir_listing(tmp_path) == before
 
 
 def test_readonly_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -370,8 +390,9 @@ def test_readonly_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         else:
             pytest.skip("running with privileges that ignore directory permissions")
         monkeypatch.setattr(export_mod, "_run_exporter", _no_export)
-        with pytest.raises(ExportError, match="cannot write .*Permission denied"):
+        with pytest.raises(ConfigError, match=f"cannot write {locked / 'm.onnx'}: .*not writable"):
             export_onnx(TinyNet(), locked / "m.onnx", input_shape=(3, 8, 8))
+        assert _dir_listing(locked) == []
     finally:
         locked.chmod(0o700)
 

@@ -135,7 +135,7 @@ def test_fixed_gates_are_always_on(r18) -> None:
 
 
 def _ungateable(graph: ChannelGraph) -> float:
-    return float(sum(t.macs() for t in graph.mac_terms if not t.gateable))
+    return float(sum(t.macs() for t in graph.mac_terms if not t.prunable))
 
 
 @pytest.mark.parametrize("fixture", ["r18", "mbv2", "alexnet"])
@@ -169,7 +169,7 @@ def test_mac_model_is_bilinear_in_adjacent_groups(r18) -> None:
     _, graph, _ = r18
     mac_model = MacModel(graph)
     half = float(mac_model(torch.full((1, graph.num_units), 0.5))[0])
-    dense = sum(t.macs() for t in graph.mac_terms if t.kind == "dense" and t.gateable)
+    dense = sum(t.macs() for t in graph.mac_terms if t.kind == "bilinear" and t.prunable)
     assert half < 0.5 * mac_model.full  # quadratic terms fall faster than linearly
     assert half >= 0.25 * dense * 0.99
 

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from prunekit.config import ModelConfig, RunConfig, SlimConfig
+from prunekit.config import FinetuneConfig, GateConfig, ModelSpec, RunConfig, SlimConfig
 from prunekit.fileio import atomic_path
-from prunekit.finetune import FinetuneConfig, evaluate, resolve_device
-from prunekit.gates import GateConfig
-from prunekit.pipeline import FinetuneCallbacks, run_pipeline
+from prunekit.runtime import resolve_device
+from prunekit.stages.finetune import FinetuneCallbacks
+from prunekit.stages.run import run_pipeline
+from prunekit.trainer import evaluate
 
 DEMO_ARCH = "resnet18"
-DEMO_INPUT = 32
+DEMO_INPUT_SHAPE = (3, 32, 32)
 
 
 def pretrain(
@@ -43,7 +44,7 @@ def pretrain(
     # the pipeline normalises a local weights file with ImageNet statistics: train with the same
     loaders = resolve_data(
         "builtin",
-        input_size=DEMO_INPUT,
+        input_shape=DEMO_INPUT_SHAPE,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         batch_size=batch_size,
@@ -72,7 +73,7 @@ def pretrain(
 
 def demo_config(weights: Path, *, finetune_epochs: int = 3, max_accuracy_drop: float = 2.0) -> RunConfig:
     return RunConfig(
-        model=ModelConfig(DEMO_ARCH, weights=str(weights), num_classes=10, input_size=DEMO_INPUT),
+        model=ModelSpec(DEMO_ARCH, weights=str(weights), num_classes=10, input_shape=DEMO_INPUT_SHAPE),
         data="builtin",
         finetune=FinetuneConfig(target_macs=0.5, epochs=finetune_epochs, batch_size=128, lr=0.02, workers=0),
         gates=GateConfig(granularity=8),
@@ -88,7 +89,7 @@ def run_demo(
     finetune_epochs: int = 3,
     on_pretrain: Callable[[dict[str, Any]], None] | None = None,
     callbacks: FinetuneCallbacks | None = None,
-    on_stage: Callable[[str, dict[str, Any]], None] | None = None,
+    on_stage: Callable[[str, Any], None] | None = None,
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
-"""Fine-tuning gates and weights: cross-entropy + lambda * (t - B)^2 with straight-through Gumbel gates.
+"""The training loop: cross-entropy + lambda * (t - B)^2 with straight-through Gumbel gates.
 
-Schedule (a short-budget version of the paper's recipe, see docs): gates and weights train jointly
-until `decide_at` of the steps; then the gate decisions are fixed -- the gates ranked by learned
+Schedule (a short-budget version of the paper's recipe, see docs/recipe.md): gates and weights train
+jointly until `decide_at` of the steps; then the gate decisions are fixed -- the gates ranked by learned
 margin (logit_on - logit_off) and the largest set that fits the MAC budget kept -- and the remaining
 steps fine-tune the weights under those fixed decisions. `decide_at=1` decides only at the end.
 
-Plain functions (`train_one_epoch`, `evaluate`) with callbacks for progress, so the CLI renders and
-the loop stays usable under torchrun/DDP later.
+`Trainer` holds one run's state (optimisers, schedule, step) and is given its device by a Runtime; it
+never writes files. `evaluate` and `recalibrate_batchnorm` are plain functions. The stage that wires
+data, checkpoints and callbacks around it is `prunekit.stages.finetune`.
 """
 
 from __future__ import annotations
@@ -14,75 +15,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import ConfigError, PrunekitError, TrainingError
+from prunekit.config import FinetuneConfig
+from prunekit.errors import Interrupted, TrainingError
 from prunekit.gates import GateBank
+from prunekit.modes import training_flags
 from prunekit.objective import MacBudget, MacModel, activation_loss, target_to_budget
+from prunekit.runtime import Runtime
 
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    target_macs: float  # fraction of the whole model's MACs to keep (fvcore count)
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 0.01  # weights: SGD momentum 0.9, cosine decay per step
-    gate_lr: float = 0.05  # gate logits: Adam
-    weight_decay: float = 1e-4
-    gate_weight_decay: float = 0.0
-    lam: float = 5.0  # weight of the activation loss
-    tau: float = 1.0  # Gumbel-softmax temperature at the start
-    tau_end: float | None = None  # anneal geometrically to this by the decision point (None: constant)
-    one_sided: bool = False  # penalise only B > t
-    decide_at: float = 0.2  # fraction of training steps after which gate decisions are fixed
-    distill: float = 0.7  # weight of distillation from the ungated model (temperature 2)
-    bn_recalibrate: int = 0  # batches used to re-estimate BatchNorm statistics before evaluation
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bfloat16 autocast on CUDA
-    max_steps_per_epoch: int | None = None  # cap (quick runs, tests)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (0.0 < self.target_macs < 1.0, f"--target-macs must be between 0 and 1, got {self.target_macs}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and self.gate_lr > 0, "learning rates must be positive"),
-            (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
-            (self.tau > 0 and (self.tau_end is None or self.tau_end > 0), "--tau must be positive"),
-            (0.0 < self.decide_at <= 1.0, f"--decide-at must be in (0, 1], got {self.decide_at}"),
-            (0.0 <= self.distill <= 1.0, f"--distill must be in [0, 1], got {self.distill}"),
-            (
-                self.device in ("auto", "cpu", "cuda"),
-                f"--device must be auto, cpu or cuda, got {self.device}",
-            ),
-            (self.workers >= 0, "--workers must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+KD_TEMPERATURE = 2.0
 
 
 @dataclass
@@ -118,6 +65,7 @@ class Trainer:
         budget: MacBudget,
         config: FinetuneConfig,
         steps_per_epoch: int,
+        runtime: Runtime,
         teacher: nn.Module | None = None,
     ) -> None:
         self.model, self.bank, self.mac_model, self.budget, self.config = (
@@ -127,19 +75,21 @@ class Trainer:
             budget,
             config,
         )
-        self.device = resolve_device(config.device)
+        self.runtime = runtime
+        self.device = runtime.device
         self.teacher = teacher
         self.model.to(self.device)
         self.mac_model.to(self.device)
         if teacher is not None:
-            teacher.to(self.device).eval()
-        gate_params = [bank.logits]
-        weights = [p for n, p in model.named_parameters() if not n.startswith("prunekit_gates.")]
+            teacher.to(self.device).eval().requires_grad_(False)
+        # gate parameters by identity, not by name: a wrapper (DDP's "module.") cannot make them match both
+        gate_ids = {id(p) for p in bank.parameters()}
+        weights = [p for p in model.parameters() if id(p) not in gate_ids]
         self.opt = torch.optim.SGD(
             weights, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
         )
         self.gate_opt = torch.optim.Adam(
-            gate_params, lr=config.gate_lr, weight_decay=config.gate_weight_decay
+            bank.parameters(), lr=config.gate_lr, weight_decay=config.gate_weight_decay
         )
         self.total_steps = max(1, steps_per_epoch * config.epochs)
         self.decide_step = min(self.total_steps, max(1, round(config.decide_at * self.total_steps)))
@@ -148,15 +98,19 @@ class Trainer:
         )
         self.step = 0
         self.epoch = 0
-        self.decided = False
-        self.amp = config.amp and self.device.type == "cuda"
+        self.amp = config.amp and runtime.amp_dtype is not None
+        if bank.is_decided:  # a resumed run past its decision point
+            bank.requires_grad_(False)
+
+    @property
+    def decided(self) -> bool:
+        return self.bank.is_decided
 
     # -- state for --resume ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "step": self.step,
-            "decided": self.decided,
             "config": self.config.to_dict(),
             "optimizer": self.opt.state_dict(),
             "gate_optimizer": self.gate_opt.state_dict(),
@@ -167,13 +121,10 @@ class Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
-        self.decided = bool(state["decided"])
         self.opt.load_state_dict(state["optimizer"])
         self.gate_opt.load_state_dict(state["gate_optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"].cpu() if isinstance(state["rng"], torch.Tensor) else state["rng"])
-        if self.decided:
-            self.bank.eval()
 
     # -- gates ----------------------------------------------------------------------------------
     def tau(self) -> float:
@@ -185,9 +136,8 @@ class Trainer:
 
     @torch.no_grad()
     def decision_fraction(self, decisions: torch.Tensor | None = None) -> float:
-        d = self.bank.decisions() if decisions is None else decisions
-        a = self.bank.unit_values(d.to(self.bank.logits.dtype).unsqueeze(0)).to(self.device)
-        return float(self.mac_model(a)[0]) / self.mac_model.full
+        a = self.bank.unit_activity(decisions).to(self.device)
+        return float(self.mac_model(a)[0]) / self.mac_model.gateable_macs
 
     @torch.no_grad()
     def decide(self) -> None:
@@ -205,15 +155,12 @@ class Trainer:
         lo, hi = 0, len(order)  # largest k with fraction(k) <= t (fraction grows with k)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.decision_fraction(decisions(mid)) <= self.budget.t + 1e-9:
+            if self.budget.fits(self.decision_fraction(decisions(mid))):
                 lo = mid
             else:
                 hi = mid - 1
-        final = decisions(lo)
-        bank.logits[:, 0] = 0.0
-        bank.logits[:, 1] = torch.where(final, torch.full_like(margin, 5.0), torch.full_like(margin, -5.0))
-        bank.eval()  # deterministic gates from here on, also in train mode
-        self.decided = True
+        bank.fix_(decisions(lo))  # deterministic gates from here on, in train mode too
+        bank.requires_grad_(False)  # the logits no longer take part: no gradient, no optimiser step
 
     # -- loops ----------------------------------------------------------------------------------
     def train_one_epoch(
@@ -221,8 +168,6 @@ class Trainer:
     ) -> dict[str, float]:
         model, bank, cfg = self.model, self.bank, self.config
         model.train()
-        if self.decided:
-            bank.eval()
         sums = {"loss": 0.0, "ce": 0.0, "act": 0.0, "correct": 0.0, "n": 0.0}
         start = time.perf_counter()
         for i, (x, y) in enumerate(loader):
@@ -232,23 +177,17 @@ class Trainer:
                 self.decide()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             bank.tau = self.tau()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = model(x)
                 ce = F.cross_entropy(logits.float(), y)
                 loss = ce
                 if self.teacher is not None and cfg.distill > 0:
-                    with torch.no_grad():
+                    with torch.inference_mode():
                         soft = self.teacher(x).float()
-                    kd = (
-                        F.kl_div(
-                            F.log_softmax(logits.float() / 2, 1),
-                            F.softmax(soft / 2, 1),
-                            reduction="batchmean",
-                        )
-                        * 4
+                    loss = (1 - cfg.distill) * ce + cfg.distill * distillation_loss(
+                        logits.float(), soft.clone()
                     )
-                    loss = (1 - cfg.distill) * ce + cfg.distill * kd
-            b = self.mac_model(bank.current) / self.mac_model.full
+            b = self.mac_model(bank.current) / self.mac_model.gateable_macs
             act = activation_loss(b, self.budget.t, cfg.one_sided)
             if not self.decided:
                 loss = loss + cfg.lam * act
@@ -294,11 +233,10 @@ def evaluate(
     model: nn.Module, loader: Any, device: torch.device, max_batches: int | None = None
 ) -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) in eval mode (deterministic gates)."""
-    was = model.training
-    model.eval()
     correct = total = 0
     loss = 0.0
-    try:
+    with training_flags(model):
+        model.eval()
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -307,9 +245,16 @@ def evaluate(
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             total += y.shape[0]
-    finally:
-        model.train(was)
     return correct / max(1, total), loss / max(1, total)
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = KD_TEMPERATURE
+) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: KL(teacher || student) at `temperature`, scaled by T^2 so its
+    gradients keep the size of the cross-entropy's."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
 
 
 @torch.no_grad()
@@ -321,44 +266,41 @@ def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device, b
     if not bns or batches <= 0:
         return
     saved = {m: m.momentum for m in bns}
-    was = model.training
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches seen
-    model.train()
-    bank = getattr(model, "prunekit_gates", None)
-    if bank is not None:
-        bank.eval()
-    try:
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            model(x.to(device))
-    finally:
-        for m, mom in saved.items():
-            m.momentum = mom
-        model.train(was)
+    with training_flags(model):
+        model.train()
+        for bank in (m for m in model.modules() if isinstance(m, GateBank)):
+            bank.eval()  # statistics under the deterministic decisions, not under sampled gates
+        try:
+            for i, (x, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                model(x.to(device))
+        finally:
+            for m, mom in saved.items():
+                m.momentum = mom
 
 
 def make_budget(bank: GateBank, mac_model: MacModel, total_macs: float, target: float) -> MacBudget:
-    fixed_only = bank.unit_values(bank.fixed_on.to(bank.logits.dtype).unsqueeze(0)).to(
-        next(mac_model.buffers()).device
-    )
-    min_fraction = float(mac_model(fixed_only)[0]) / mac_model.full if mac_model.full else 1.0
-    return target_to_budget(target, total_macs, mac_model.full, min_fraction)
+    """The MAC budget of `target` (a fraction of `total_macs`) for this bank's gates."""
+    fixed_only = bank.unit_activity(bank.fixed_on).to(next(mac_model.buffers()).device)
+    full = mac_model.gateable_macs
+    min_fraction = float(mac_model(fixed_only)[0]) / full if full else 1.0
+    return target_to_budget(target, total_macs, full, min_fraction)
 
 
-def finetune(
+def run_epochs(
     trainer: Trainer,
     train_loader: Any,
     val_loader: Any,
     *,
-    save: Callable[[Trainer, EpochMetrics, bool], None],
+    on_epoch_end: Callable[[Trainer, EpochMetrics], None] | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> list[EpochMetrics]:
-    """Run the remaining epochs; `save(trainer, metrics, interrupted)` is called after each epoch. Ctrl-C
-    anywhere in an epoch raises Interrupted (exit code 130); the caller saves a resumable checkpoint."""
+    """Run the remaining epochs, calling `on_epoch_end(trainer, metrics)` after each. Ctrl-C anywhere in
+    an epoch raises Interrupted (exit code 130); the caller decides what to save."""
     history: list[EpochMetrics] = []
     cfg = trainer.config
     while trainer.epoch < cfg.epochs:
@@ -366,9 +308,8 @@ def finetune(
             history.append(_one_epoch(trainer, train_loader, val_loader, on_step))
         except KeyboardInterrupt:
             raise Interrupted() from None
-        save(trainer, history[-1], False)
-        if on_epoch is not None:
-            on_epoch(history[-1])
+        if on_epoch_end is not None:
+            on_epoch_end(trainer, history[-1])
     return history
 
 
@@ -396,23 +337,12 @@ def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: An
     )
 
 
-class Interrupted(PrunekitError):
-    """Ctrl-C during training; the CLI saves a resumable checkpoint and exits 130."""
-
-    exit_code = 130
-
-    def __init__(self) -> None:
-        super().__init__("interrupted")
-
-
 __all__ = [
     "EpochMetrics",
-    "FinetuneConfig",
-    "Interrupted",
     "Trainer",
+    "distillation_loss",
     "evaluate",
-    "finetune",
     "make_budget",
     "recalibrate_batchnorm",
-    "resolve_device",
+    "run_epochs",
 ]

@@ -1,7 +1,8 @@
 """Output for people (rich tables on stdout) and for machines (one JSON document on stdout).
 
-rich is used here and in cli.py only. Nothing here imports torch: the CLI imports this module at start-up.
-Diagnostics (progress, notes, errors) go to stderr so that stdout stays parseable.
+Every rich table of the CLI is drawn here (the progress bar lives in `cli.progress`). Nothing here
+imports torch: the CLI imports this module at start-up. Diagnostics (progress, notes, errors) go to
+stderr so that stdout stays parseable.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from prunekit.measure import TargetReport
     from prunekit.models import ModelInfo
+    from prunekit.stages.report import AnalysisReport, TargetReport
 
 # Off a terminal (pipes, CI logs, tests) rich would guess 80 columns; a fixed, wider width keeps tables
 # on one line per row and identical from run to run.
@@ -47,12 +48,9 @@ def human(n: float) -> str:
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.2f}"
 
 
-def format_macs(n: float) -> str:
-    return f"{human(n)} MACs"
-
-
-def format_params(n: float) -> str:
-    return f"{human(n)} params"
+def pct(x: float | None) -> str:
+    """0.8132 -> '81.32%'; None -> '-'."""
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def percent(part: float, whole: float) -> str:
@@ -164,4 +162,107 @@ def render_models(rows: Sequence[ModelInfo], out: Console | None = None) -> None
         "MACs and params from torchvision's metadata for the DEFAULT weights; Cached: DEFAULT weights are "
         "in the torch hub cache (loadable offline).",
         style="dim",
+    )
+
+
+def render_analysis(report: AnalysisReport, out: Console | None = None) -> None:
+    """The `prunekit analyze` table: coupled channel groups, prunable MACs, frozen channels."""
+    out = out or console()
+    graph = report.graph
+    table = Table(title=f"{report.model}: {len(graph.groups)} coupled channel groups", title_justify="left")
+    for col, just in (
+        ("group (first producer)", "left"),
+        ("channels", "right"),
+        ("units", "right"),
+        ("producers", "right"),
+        ("consumers", "right"),
+        ("MACs depending", "right"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for g in graph.groups:
+        table.add_row(
+            g.name, str(g.channels), str(g.units), str(len(g.producers)), str(len(g.consumers)), human(g.macs)
+        )
+    out.print(table)
+    out.print(f"MACs {human(report.macs)}; {100 * report.prunable_fraction:.1f}% depend on prunable channels")
+    for f in graph.frozen:
+        out.print(f"frozen: {f.where}: {f.reason}", style="dim")
+
+
+def render_gate(result: dict[str, Any], output: str, out: Console | None = None) -> None:
+    out = out or console()
+    shape = "x".join(str(d) for d in result["input_shape"])
+    out.print(
+        f"{result['arch']}: {human(result['macs'])} MACs, {human(result['params'])} params "
+        f"at {shape}, {result['num_classes']} classes"
+    )
+    out.print(
+        f"{result['groups']} channel groups, {result['gates']} gates of {result['granularity']} channels "
+        f"({result['learnable_gates']} learnable); "
+        f"{100 * result['gateable_fraction']:.1f}% of the MACs are gateable"
+    )
+    out.print(f"wrote {output}")
+
+
+def render_finetune(result: dict[str, Any], out: Console | None = None) -> None:
+    f = result["final"]
+    (out or console()).print(
+        f"val acc {pct(f['val_acc'])} (baseline {pct(result['baseline_val_acc'])}) "
+        f"at {f['macs_fraction']:.3f} "
+        f"of the MACs ({human(result['expected_macs'])} of {human(result['macs_before'])}); "
+        f"wrote {result['output']}" + (f", best {result['best']}" if result["best"] else "")
+    )
+
+
+def render_slim(result: dict[str, Any], out: Console | None = None) -> None:
+    """original vs slimmed, the parity checks, the files written and the widths per group."""
+    out = out or console()
+    table = Table(title="original vs slimmed", title_justify="left")
+    for col in ("", "original", "slimmed", "ratio"):
+        table.add_column(col, justify="right" if col else "left")
+    o, s = result["original"], result["slim"]
+    table.add_row("MACs", human(o["macs"]), human(s["macs"]), f"{result['macs_ratio']:.3f}")
+    table.add_row("params", human(o["params"]), human(s["params"]), f"{result['params_ratio']:.3f}")
+    acc = result.get("accuracy")
+    if acc:
+        table.add_row("val accuracy", pct(acc.get("original")), pct(acc["slim"]), "")
+    lat = result.get("latency")
+    if lat:
+        table.add_row(
+            f"onnxruntime ms ({lat['threads']} thr)",
+            f"{lat['original_ms']:.2f}",
+            f"{lat['slim_ms']:.2f}",
+            f"{lat['ratio']:.3f}",
+        )
+    out.print(table)
+    if result.get("removes_nothing"):
+        out.print("note: every gate is open: the plan removes no channel", style="bold")
+    p = result["parity"]
+    out.print(f"slim vs gated: max |diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.2e})")
+    if "onnx" in result:
+        x = result["onnx"]
+        out.print(
+            f"ONNX opset {x['opset']} ({x['exporter']}): "
+            f"onnxruntime vs PyTorch max |diff| {x['max_abs_diff']:.2e} "
+            f"at batch {x['verify_batch']}; wrote {x['path']}"
+        )
+    out.print(f"wrote {result['checkpoint']}")
+    widths = Table(title="channel widths per group", title_justify="left")
+    for col in ("group", "before", "after"):
+        widths.add_column(col, justify="left" if col == "group" else "right")
+    for w in result["widths"]:
+        widths.add_row(w["group"], str(w["before"]), str(w["after"]))
+    out.print(widths)
+    out.print(MACS_NOTE, style="dim")
+
+
+def render_run(report: dict[str, Any], out: Console | None = None) -> None:
+    out = out or console()
+    render_slim(report["slim"], out)
+    s = report["summary"]
+    drop = s["accuracy_drop_points"]
+    out.print(
+        f"accuracy {pct(s['accuracy_before'])} -> {pct(s['accuracy_after'])} "
+        f"({abs(drop):.2f} points {'lost' if drop >= 0 else 'gained'}), "
+        f"MACs x{s['macs_ratio']:.3f}; report: {report['files']['report']}"
     )

@@ -1,4 +1,5 @@
-"""Physical channel removal, the masked reference it must equal, and the check between the two.
+"""Physical channel removal (`slim_`) and the check that the smaller model computes what the masked
+or gated one did (`verify_slim`). The masked reference itself lives in `prunekit.masking`.
 
 `slim_` builds smaller Conv/BN/Linear modules from the kept weights and sets them on the original
 module tree, so module names and state_dict keys stay familiar. One table maps a slice kind to the
@@ -7,15 +8,15 @@ function that builds the smaller module.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from prunekit.errors import VerificationError
-from prunekit.graph import ChannelGraph, MaskPoint, ModuleSlice
+from prunekit.graph import ChannelGraph, ModuleSlice
+from prunekit.modes import training_flags
+from prunekit.parity import Parity, compare_outputs
 from prunekit.plan import ChannelPlan
 
 
@@ -103,7 +104,7 @@ def _slim_batchnorm(m: nn.modules.batchnorm._BatchNorm, s: ModuleSlice, keep: Se
     return new
 
 
-SLICERS: dict[str, Callable[[nn.Module, ModuleSlice, Sequence[bool]], nn.Module]] = {
+_SLICERS: dict[str, Callable[[nn.Module, ModuleSlice, Sequence[bool]], nn.Module]] = {
     "conv": _slim_conv,
     "conv_blockwise": _slim_conv_blockwise,
     "linear": _slim_linear,
@@ -124,7 +125,7 @@ def slim_(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> nn.Module
         if all(u < 0 or keep[u] for u in (*s.in_units, *s.out_units)):
             continue
         old = model.get_submodule(s.module)
-        new = SLICERS[s.kind](old, s, keep)
+        new = _SLICERS[s.kind](old, s, keep)
         new.train(old.training)
         _set_submodule(model, s.module, new)
     for p in graph.param_slices:
@@ -139,81 +140,6 @@ def slim_(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> nn.Module
     return model
 
 
-# --------------------------------------------------------------------------------------------------
-# Masked reference
-# --------------------------------------------------------------------------------------------------
-
-
-def with_ones(values: torch.Tensor) -> torch.Tensor:
-    """Unit activity (U,) or (N, U) -> (N, U + 1) with a trailing column of ones: positions that are not
-    prunable index that column, so a mask is one gather, with no branch per call."""
-    if values.dim() == 1:
-        values = values.unsqueeze(0)
-    return torch.cat([values, values.new_ones(values.shape[0], 1)], dim=1)
-
-
-def mask_hook(point: MaskPoint, unit_values: Callable[[], torch.Tensor]) -> Callable:
-    """A forward hook multiplying the module's output by the unit activity at each channel position.
-
-    `unit_values()` returns (N, U + 1) activity as made by `with_ones` (1 kept, 0 pruned)."""
-    units = torch.tensor(point.units, dtype=torch.long)
-    index_on: dict[torch.device, torch.Tensor] = {}
-
-    def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
-        values = unit_values()
-        idx = index_on.get(values.device)
-        if idx is None:
-            idx = index_on[values.device] = torch.where(units >= 0, units, values.shape[1] - 1).to(
-                values.device
-            )
-        shape = [1] * out.dim()
-        shape[0] = values.shape[0]
-        shape[point.axis] = idx.shape[0]
-        return out * values[:, idx].to(out.dtype).view(shape)
-
-    return hook
-
-
-@contextlib.contextmanager
-def masked(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> Iterator[nn.Module]:
-    """`model` with the plan applied as zero masks at every mask point, for the duration."""
-    values = with_ones(torch.tensor(plan.unit_mask(graph), dtype=torch.float32))
-    handles = [
-        model.get_submodule(p.module).register_forward_hook(mask_hook(p, lambda: values))
-        for p in graph.mask_points
-    ]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@dataclass(frozen=True)
-class Parity:
-    max_abs_diff: float
-    max_abs_ref: float
-    tolerance: float
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "max_abs_diff": self.max_abs_diff,
-            "max_abs_ref": self.max_abs_ref,
-            "tolerance": self.tolerance,
-        }
-
-
-def compare_outputs(reference: torch.Tensor, candidate: torch.Tensor, rtol: float = 1e-4) -> Parity:
-    ref = reference.detach().float()
-    diff = (ref - candidate.detach().float()).abs().max().item()
-    peak = ref.abs().max().item()
-    return Parity(diff, peak, rtol * max(peak, 1e-12))
-
-
 @torch.no_grad()
 def verify_slim(
     reference: Callable[[torch.Tensor], torch.Tensor],
@@ -223,18 +149,12 @@ def verify_slim(
 ) -> Parity:
     """Compare the slimmed model with the reference (the masked or gated model) on `inputs`, eval mode.
     A mismatch raises VerificationError: a slimmed model that computes something else is never kept."""
-    was = slimmed.training
-    slimmed.eval()
-    try:
+    with training_flags(slimmed):
+        slimmed.eval()
         parity = compare_outputs(reference(inputs), slimmed(inputs), rtol)
-    finally:
-        slimmed.train(was)
     if not parity.ok:
-        raise VerificationError(
-            f"slimmed model differs from the gated model: max |diff| {parity.max_abs_diff:.3g} "
-            f"> {parity.tolerance:.3g} (rtol {rtol} of max |output| {parity.max_abs_ref:.3g})"
-        )
+        raise VerificationError(f"slimmed model differs from the gated model: {parity.describe()}")
     return parity
 
 
-__all__ = ["Parity", "SLICERS", "compare_outputs", "mask_hook", "masked", "with_ones", "slim_", "verify_slim"]
+__all__ = ["slim_", "verify_slim"]

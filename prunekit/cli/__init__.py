@@ -1,0 +1,60 @@
+"""The prunekit command line. Commands are thin: parse options, call one library function, render.
+
+Conventions every command follows:
+- results on stdout, diagnostics on stderr; with `--json`, exactly one JSON document on stdout;
+- a PrunekitError becomes `error: <message>` (one line) on stderr and its exit code (2, or 3 for the
+  accuracy gate); any other exception is a bug and propagates (exit code 1, with its traceback);
+- torch, torchvision, fvcore and onnx are imported inside commands, never at module level, so that
+  `prunekit --help` and `--version` stay fast.
+
+Layout (Typer's one-file-per-command-group guide): `inspect` and `pipeline` each own a Typer app that
+this root merges with `add_typer`; they import `common` and `render`, never this module.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from prunekit import __version__
+from prunekit.cli import inspect, pipeline
+
+app = typer.Typer(
+    name="prunekit",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,  # bugs keep their plain traceback; user errors never get one
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(inspect.app)
+app.add_typer(pipeline.app)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"prunekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Prune torchvision classifiers with learned channel gates, slim them physically, export ONNX.
+
+    Every command takes --json (one JSON document on stdout). Exit codes: 0 success, 2 bad input,
+    3 accuracy gate failed, 130 interrupted, 1 a bug in prunekit.
+    """
+
+
+def main() -> None:
+    """Console entry point (`prunekit`, `python -m prunekit`)."""
+    app(prog_name="prunekit")
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,291 @@
+"""The pipeline commands: gate, finetune, slim, run, demo. Thin shells: parse, call one stage, render.
+
+Every default comes from the torch-free `prunekit.config` dataclasses, so none is written twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from prunekit.cli import render
+from prunekit.cli.common import (
+    PIPELINE,
+    Device,
+    Export,
+    InputShapeOption,
+    JsonOption,
+    OutOption,
+    input_shape,
+    numbers,
+    user_errors,
+)
+from prunekit.cli.progress import Progress
+from prunekit.config import FinetuneConfig, GateConfig, SlimConfig, defaults
+from prunekit.errors import ConfigError
+
+app = typer.Typer()
+
+G = defaults(GateConfig)
+FT = defaults(FinetuneConfig)
+SL = defaults(SlimConfig)
+DEFAULT_DEVICE = Device(FT["device"])
+DEFAULT_EXPORT = Export(SL["export"])
+
+
+@app.command("gate", rich_help_panel=PIPELINE)
+@user_errors
+def gate_command(
+    model: Annotated[str, typer.Argument(help="A torchvision model name (see `prunekit models`).")],
+    output: OutOption,
+    weights: Annotated[
+        str | None, typer.Option(help="torchvision weights name (hub cache) or a state_dict file.")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(min=1, help="Classifier outputs (new head if it differs).")
+    ] = None,
+    shape: InputShapeOption = None,
+    granularity: Annotated[int, typer.Option(min=1, help="Channels per gate.")] = G["granularity"],
+    min_keep: Annotated[
+        float, typer.Option(min=0.0, max=0.95, help="Fraction of each group always kept.")
+    ] = G["min_keep"],
+    mean: Annotated[
+        str | None, typer.Option(help="Input normalisation mean per channel, e.g. 0.485,0.456,0.406.")
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="Input normalisation std per channel.")] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for any random initialisation (no weights, a new head).")
+    ] = 0,
+    json_output: JsonOption = False,
+) -> None:
+    """Insert learnable Gumbel channel gates into a model and write the gated checkpoint."""
+    from prunekit.config import ModelSpec
+    from prunekit.stages.gate import gate_stage
+
+    spec = ModelSpec(
+        model,
+        weights=weights,
+        num_classes=num_classes,
+        input_shape=input_shape(shape),
+        mean=numbers(mean, "--mean"),
+        std=numbers(std, "--std"),
+    )
+    config = GateConfig(granularity=granularity, min_keep=min_keep)
+    result = gate_stage(spec, output, config=config, seed=seed).to_dict() | {"output": str(output)}
+    if json_output:
+        render.emit_json(result)
+    else:
+        render.render_gate(result, str(output))
+
+
+# finetune option name -> FinetuneConfig field, where they differ
+_FINETUNE_FIELDS = {"lam": "lam", "max_steps": "max_steps_per_epoch"}
+
+
+@app.command("finetune", rich_help_panel=PIPELINE)
+@user_errors
+def finetune_command(
+    ctx: typer.Context,
+    gated: Annotated[Path, typer.Argument(help="Checkpoint written by `prunekit gate`.")],
+    output: OutOption,
+    data: Annotated[str, typer.Option(help="ImageFolder root (train/ + val/ or test/), or `builtin`.")] = "",
+    target_macs: Annotated[
+        float | None, typer.Option(help="Fraction of the model's MACs to keep, e.g. 0.5.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = FT["epochs"],
+    batch_size: Annotated[int, typer.Option(min=1)] = FT["batch_size"],
+    lr: Annotated[float, typer.Option(help="Weights: SGD learning rate (cosine decay).")] = FT["lr"],
+    gate_lr: Annotated[float, typer.Option(help="Gate logits: Adam learning rate.")] = FT["gate_lr"],
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = FT["weight_decay"],
+    lam: Annotated[float, typer.Option("--lambda", min=0.0, help="Weight of the activation loss.")] = FT[
+        "lam"
+    ],
+    tau: Annotated[float, typer.Option(help="Gumbel-softmax temperature.")] = FT["tau"],
+    tau_end: Annotated[float | None, typer.Option(help="Anneal tau to this by the decision point.")] = FT[
+        "tau_end"
+    ],
+    one_sided: Annotated[bool, typer.Option("--one-sided", help="Penalise only MACs above the target.")] = FT[
+        "one_sided"
+    ],
+    decide_at: Annotated[
+        float, typer.Option(help="Share of training after which gate decisions are fixed.")
+    ] = FT["decide_at"],
+    distill: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Distillation weight from the ungated model.")
+    ] = FT["distill"],
+    bn_recalibrate: Annotated[
+        int, typer.Option(min=0, help="Batches to re-estimate BatchNorm before eval.")
+    ] = FT["bn_recalibrate"],
+    workers: Annotated[int, typer.Option(min=0)] = FT["workers"],
+    seed: Annotated[int, typer.Option()] = FT["seed"],
+    device: Annotated[Device, typer.Option(help="Where to train.")] = DEFAULT_DEVICE,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = FT["amp"],
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")] = FT[
+        "max_steps_per_epoch"
+    ],
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run saved at --output. Only --epochs (more), --workers, --device and --amp "
+            "may change; any other option that differs from the saved run is an error.",
+        ),
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Train the gates toward a MACs target (and the weights with them); checkpoint every epoch."""
+    from prunekit.stages.finetune import finetune_stage
+
+    if not data:
+        raise ConfigError("--data is required (an ImageFolder root, or `builtin`)")
+    values = {k: v for k, v in ctx.params.items() if k in {"target_macs", *FT, *_FINETUNE_FIELDS}}
+    values["device"] = device.value
+    fields = {_FINETUNE_FIELDS.get(k, k): v for k, v in values.items()}
+    if resume:
+        given = {_FINETUNE_FIELDS.get(k, k): v for k, v in values.items() if _given(ctx, k)}
+        config, overrides = None, given
+    else:
+        if target_macs is None:
+            raise ConfigError("--target-macs is required, e.g. --target-macs 0.5 to keep half the MACs")
+        config, overrides = FinetuneConfig(**fields), None
+    progress = Progress(json_output)
+    try:
+        result = finetune_stage(
+            gated, data, output, config, resume=resume, overrides=overrides, callbacks=progress.callbacks()
+        ).to_dict()
+    finally:
+        progress.stop()
+    if json_output:
+        render.emit_json(result)
+    else:
+        render.render_finetune(result)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option `name` (on the command line or through the environment)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"  # compared by name: Typer vendors Click
+
+
+@app.command("slim", rich_help_panel=PIPELINE)
+@user_errors
+def slim_command(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Fine-tuned (gated) checkpoint, or any prunekit checkpoint with --plan.")
+    ],
+    output: OutOption,
+    export: Annotated[
+        Export,
+        typer.Option(
+            help="onnx: write ONNX at -o and the slim checkpoint beside it; none: only the checkpoint."
+        ),
+    ] = DEFAULT_EXPORT,
+    plan: Annotated[Path | None, typer.Option(help="Slim by this plan JSON instead of the gates.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Verify and measure accuracy on this data (else random inputs).")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = SL["opset"],
+    latency: Annotated[bool, typer.Option("--latency", help="Time original vs slim in onnxruntime.")] = SL[
+        "latency"
+    ],
+    threads: Annotated[int, typer.Option(min=1, help="Threads for --latency.")] = SL["threads"],
+    save_plan: Annotated[Path | None, typer.Option(help="Also write the channel plan as JSON here.")] = None,
+    slim_checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="Where to write the slim checkpoint.")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove the pruned channels physically, verify the result, export and check ONNX."""
+    from prunekit.stages.slim import slim_stage
+
+    config = SlimConfig(export=export.value, opset=opset, latency=latency, threads=threads)
+    result = slim_stage(
+        checkpoint,
+        output,
+        config,
+        plan_file=plan,
+        data=data,
+        checkpoint_out=slim_checkpoint,
+        plan_out=save_plan,
+    ).to_dict()
+    if json_output:
+        render.emit_json(result)
+    else:
+        render.render_slim(result)
+
+
+@app.command("run", rich_help_panel=PIPELINE)
+@user_errors
+def run_command(
+    config: Annotated[Path, typer.Argument(help="TOML config (see examples/run.toml).")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Run directory for every output.")] = Path(
+        "runs/latest"
+    ),
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help="Fail (exit 3) beyond this many points.")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Override data in the finetune section.")] = None,
+    target_macs: Annotated[
+        float | None, typer.Option(help="Override target_macs in the finetune section.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override epochs in the finetune section.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Run gate -> finetune -> slim -> export from one config file; write report.json (for CI)."""
+    from prunekit.config import load_run_config
+    from prunekit.stages.run import run_pipeline
+
+    cfg = load_run_config(
+        config,
+        {
+            "ci.max_accuracy_drop": max_accuracy_drop,
+            "finetune.data": data,
+            "finetune.target_macs": target_macs,
+            "finetune.epochs": epochs,
+        },
+    )
+    _run_and_render(
+        lambda progress: run_pipeline(cfg, out_dir, progress.callbacks(), _stage(progress)), json_output
+    )
+
+
+@app.command("demo", rich_help_panel=PIPELINE)
+@user_errors
+def demo_command(
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Run directory.")] = Path("demo-run"),
+    pretrain_epochs: Annotated[int, typer.Option(min=1, help="Epochs to train the demo model first.")] = 8,
+    finetune_epochs: Annotated[int, typer.Option(min=1)] = 3,
+    json_output: JsonOption = False,
+) -> None:
+    """The whole job offline on the built-in data: train resnet18, gate, fine-tune, slim, export."""
+    from prunekit.stages.demo import run_demo
+
+    _run_and_render(
+        lambda progress: run_demo(
+            out_dir,
+            pretrain_epochs=pretrain_epochs,
+            finetune_epochs=finetune_epochs,
+            on_pretrain=lambda e: progress.event("pretrain", **e),
+            callbacks=progress.callbacks(),
+            on_stage=_stage(progress),
+        ),
+        json_output,
+    )
+
+
+def _stage(progress: Progress) -> Any:
+    return lambda name, _result: progress.event("stage", stage=name)
+
+
+def _run_and_render(job: Any, json_output: bool) -> None:
+    progress = Progress(json_output)
+    try:
+        report = job(progress)
+    finally:
+        progress.stop()
+    if json_output:
+        render.emit_json(report)
+    else:
+        render.render_run(report)

@@ -1,0 +1,413 @@
+"""Stage 2, finetune: train gates and weights toward a MACs target, then fine-tune under fixed decisions.
+
+`finetune(gated, train_loader, val_loader, config=...)` runs in memory on any GateResult or gated
+Checkpoint and returns a FinetuneResult. `finetune_stage(path, data, out, ...)` is the file-based shell:
+it builds the loaders, checkpoints every epoch (last at `out`, best within budget beside it), saves a
+resumable checkpoint on Ctrl-C, and resumes a saved run. `prepare_finetune` builds the pieces one run
+needs (trainer, teacher, budget) for callers with their own loop: tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from prunekit.config import RESUME_MUTABLE, FinetuneConfig
+from prunekit.errors import CheckpointError, ConfigError, Interrupted
+from prunekit.fileio import check_writable
+from prunekit.gates import GateBank, remove_gates_
+from prunekit.objective import MacBudget, MacModel
+from prunekit.runtime import Runtime, resolve_runtime
+from prunekit.trainer import EpochMetrics, Trainer, evaluate, make_budget, run_epochs
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The ungated starting model's validation accuracy, and what it was measured on."""
+
+    val_acc: float
+    macs: int
+    data: str | None  # the --data it was measured on; None for loaders handed over in memory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"val_acc": self.val_acc, "macs": self.macs, "data": self.data}
+
+
+@dataclass(frozen=True)
+class FinetuneStart:
+    """What a progress display shows before the first step."""
+
+    device: str
+    amp: bool
+    t: float
+    target_macs: float
+    steps_per_epoch: int
+    baseline_val_acc: float
+    start_epoch: int
+    gateable_fraction: float
+
+
+@dataclass
+class FinetuneCallbacks:
+    on_start: Callable[[FinetuneStart], None] | None = None
+    on_step: Callable[[dict[str, float]], None] | None = None
+    on_epoch: Callable[[EpochMetrics], None] | None = None
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: Checkpoint  # stage "finetuned": the trained gated model, its history and budget
+    baseline: Baseline
+    budget: MacBudget
+    config: FinetuneConfig
+    files: dict[str, str] = field(default_factory=dict)  # what the file stage wrote ("last", "best")
+
+    @property
+    def model(self) -> nn.Module:
+        return self.checkpoint.model
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.checkpoint.history
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1]
+
+    @property
+    def expected_macs(self) -> float:
+        return self.final["macs_fraction"] * self.budget.total_macs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.files.get("last"),
+            "best": self.files.get("best"),
+            "baseline_val_acc": self.baseline.val_acc,
+            "history": self.history,
+            "final": self.final,
+            "target_macs": self.config.target_macs,
+            "macs_before": self.budget.total_macs,
+            "expected_macs": self.expected_macs,
+        }
+
+
+@dataclass
+class FinetuneSession:
+    """Everything one run needs, built once: the trainer (optimisers, schedule), the ungated teacher,
+    the MAC budget. The gated checkpoint it trains is `checkpoint` (its model is trained in place)."""
+
+    checkpoint: Checkpoint
+    trainer: Trainer
+    plain: nn.Module  # the ungated starting model: baseline accuracy and distillation teacher
+    budget: MacBudget
+    steps_per_epoch: int
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.trainer.runtime
+
+    def evaluate_baseline(self, val_loader: Any, data: str | None) -> Baseline:
+        acc, _ = evaluate(self.plain.to(self.runtime.device), val_loader, self.runtime.device)
+        return Baseline(acc, int(self.budget.total_macs), data)
+
+    def start_info(self, baseline: Baseline) -> FinetuneStart:
+        b = self.budget
+        return FinetuneStart(
+            device=str(self.runtime.device),
+            amp=self.trainer.amp,
+            t=b.t,
+            target_macs=b.target_fraction,
+            steps_per_epoch=self.steps_per_epoch,
+            baseline_val_acc=baseline.val_acc,
+            start_epoch=self.trainer.epoch,
+            gateable_fraction=b.gateable_macs / b.total_macs,
+        )
+
+
+def original_macs(ckpt: Checkpoint) -> int:
+    """The ungated model's MACs as the gate stage counted them (counted again only for a checkpoint made
+    without prunekit's gate stage)."""
+    recorded = (ckpt.extra.get("original") or {}).get("macs")
+    if recorded is not None:
+        return int(recorded)
+    from prunekit.measure import count_macs
+
+    return count_macs(_ungated_copy(ckpt.model), ckpt.spec.example_input()).total_macs
+
+
+def _ungated_copy(model: nn.Module) -> nn.Module:
+    plain = copy.deepcopy(model)
+    remove_gates_(plain)
+    return plain
+
+
+def _bank(ckpt: Checkpoint, where: str) -> GateBank:
+    bank = ckpt.gates
+    if bank is None:
+        raise CheckpointError(f"{where} has no gates: create one with `prunekit gate`")
+    return bank
+
+
+def prepare_finetune(
+    gated: Checkpoint,
+    config: FinetuneConfig,
+    steps_per_epoch: int,
+    *,
+    runtime: Runtime | None = None,
+    start: Checkpoint | None = None,
+) -> FinetuneSession:
+    """Build one run's trainer, teacher and budget. `start`: the gated checkpoint the run began from,
+    when `gated` is a half-trained one being resumed (the teacher is the starting model, not the
+    half-trained weights)."""
+    runtime = runtime or resolve_runtime(config.device)
+    bank = _bank(gated, "the checkpoint")
+    plain = _ungated_copy((start or gated).model)
+    mac_model = MacModel(gated.graph)
+    budget = make_budget(bank, mac_model, original_macs(gated), config.target_macs)
+    steps = (
+        steps_per_epoch
+        if config.max_steps_per_epoch is None
+        else min(steps_per_epoch, config.max_steps_per_epoch)
+    )
+    teacher = plain if config.distill > 0 else None
+    trainer = Trainer(gated.model, bank, mac_model, budget, config, steps, runtime, teacher)
+    return FinetuneSession(gated, trainer, plain, budget, steps)
+
+
+AfterEpoch = Callable[[FinetuneSession, "FinetuneResult", bool], None]
+
+
+def _train(
+    session: FinetuneSession,
+    train_loader: Any,
+    val_loader: Any,
+    baseline: Baseline,
+    callbacks: FinetuneCallbacks,
+    after_epoch: AfterEpoch | None = None,
+) -> FinetuneResult:
+    """Run the remaining epochs; `after_epoch(session, result_so_far, interrupted)` after each epoch and
+    once more on Ctrl-C before Interrupted propagates."""
+    ckpt, trainer = session.checkpoint, session.trainer
+    history = list(ckpt.history)
+    extra = ckpt.extra | {"baseline": baseline.to_dict()}
+    result = FinetuneResult(
+        Checkpoint(ckpt.spec, ckpt.model, ckpt.graph, "finetuned", history=history, extra=extra),
+        baseline,
+        session.budget,
+        trainer.config,
+    )
+
+    def epoch_end(tr: Trainer, m: EpochMetrics) -> None:
+        row = m.to_dict() | {"within_budget": session.budget.fits(m.gateable_fraction)}
+        history.append(row)
+        if after_epoch is not None:
+            after_epoch(session, result, False)
+        if callbacks.on_epoch is not None:
+            callbacks.on_epoch(m)
+
+    if callbacks.on_start is not None:
+        callbacks.on_start(session.start_info(baseline))
+    try:
+        run_epochs(trainer, train_loader, val_loader, on_epoch_end=epoch_end, on_step=callbacks.on_step)
+    except Interrupted:
+        if after_epoch is not None:
+            after_epoch(session, result, True)
+        raise
+    result.checkpoint.extra |= {"finetune": trainer.config.to_dict(), "budget": session.budget.to_dict()}
+    return result
+
+
+def finetune(
+    gated: Any,
+    train_loader: Any,
+    val_loader: Any,
+    *,
+    config: FinetuneConfig,
+    callbacks: FinetuneCallbacks | None = None,
+    runtime: Runtime | None = None,
+) -> FinetuneResult:
+    """Train a gated model (a GateResult or a gated Checkpoint) in memory; no file is written.
+
+    The loaders yield (images, labels) batches normalised as the model expects. Returns the trained
+    gated model (decided once `config.decide_at` of the steps have run) with its history."""
+    ckpt = gated.checkpoint if hasattr(gated, "checkpoint") else gated
+    if not isinstance(ckpt, Checkpoint):
+        raise ConfigError("finetune() takes a GateResult or a gated Checkpoint (see prunekit.gate)")
+    torch.manual_seed(config.seed)
+    session = prepare_finetune(ckpt, config, len(train_loader), runtime=runtime)
+    baseline = session.evaluate_baseline(val_loader, None)
+    return _train(session, train_loader, val_loader, baseline, callbacks or FinetuneCallbacks())
+
+
+# --------------------------------------------------------------------------------------------------
+# the file-based stage
+# --------------------------------------------------------------------------------------------------
+
+
+def best_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.best{out.suffix or '.pt'}")
+
+
+def resumed_config(saved: FinetuneConfig, overrides: dict[str, Any], epochs_done: int) -> FinetuneConfig:
+    """The saved run's config with the `overrides` that are safe to change on resume; any other
+    override that differs from the saved value is an error (never silently dropped)."""
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None or value == getattr(saved, key):
+            continue
+        if key not in RESUME_MUTABLE:
+            raise ConfigError(
+                f"resume continues the saved run, whose {key} is {getattr(saved, key)!r}; it cannot change "
+                f"to {value!r} (on resume only {', '.join(RESUME_MUTABLE)} may change)"
+            )
+        if key == "epochs" and value <= epochs_done:
+            raise ConfigError(f"the saved run has done {epochs_done} epochs already; epochs must be more")
+        changes[key] = value
+    return replace(saved, **changes)
+
+
+def _epoch_saver(out: Path, loaders: Any) -> AfterEpoch:
+    """Save the last checkpoint every epoch (resumable unless finished) and the best decided one within
+    the budget; only the primary process writes."""
+    best_acc = -1.0
+
+    def save(session: FinetuneSession, result: FinetuneResult, interrupted: bool) -> None:
+        nonlocal best_acc
+        if not session.runtime.is_primary:
+            return
+        tr, history = session.trainer, result.history
+        if best_acc < 0:
+            best_acc = max((h["val_acc"] for h in history[:-1] if h.get("within_budget")), default=-1.0)
+        finished = tr.epoch >= tr.config.epochs and not interrupted
+        state = None if finished else tr.state() | {"train_loader_rng": loaders.train.generator.get_state()}
+        c = result.checkpoint
+        extra = c.extra | {"finetune": tr.config.to_dict(), "budget": session.budget.to_dict()}
+        out_ckpt = Checkpoint(
+            c.spec, c.model, c.graph, "finetuned", history=history, training=state, extra=extra
+        )
+        save_checkpoint(out_ckpt, out)
+        result.files["last"] = str(out)
+        last = history[-1] if history and not interrupted else None
+        if last is not None and last["within_budget"] and last["decided"] and last["val_acc"] > best_acc:
+            best_acc = last["val_acc"]
+            save_checkpoint(out_ckpt, best_path(out))
+        if best_path(out).is_file():
+            result.files["best"] = str(best_path(out))
+
+    return save
+
+
+def finetune_stage(
+    gated: Path,
+    data: str,
+    out: Path,
+    config: FinetuneConfig | None = None,
+    *,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    callbacks: FinetuneCallbacks | None = None,
+) -> FinetuneResult:
+    """Fine-tune the gated checkpoint at `gated` on `data`; checkpoint every epoch to `out` (last) and
+    `<out>.best.pt` (best validation accuracy within the budget). With `resume`, continue the run saved
+    at `out`; `overrides` (config field -> value the user gave) may change what is safe to change."""
+    check_writable(out)
+    if resume:
+        ckpt, start, config = _load_resumed(gated, out, overrides or {})
+    else:
+        if config is None:
+            raise ConfigError("finetune_stage needs a FinetuneConfig (or resume=True)")
+        ckpt, start = load_checkpoint(gated), None
+        _bank(ckpt, str(gated))
+    loaders = data_loaders(data, ckpt, config)
+    return finetune_to_files(
+        ckpt, loaders, data, out, config, start=start, resume=resume, callbacks=callbacks
+    )
+
+
+def data_loaders(data: str, ckpt: Checkpoint, config: FinetuneConfig) -> Any:
+    """Training and validation loaders for `data`, as the checkpoint's model expects its inputs."""
+    from prunekit.data import resolve_data
+
+    spec = ckpt.spec
+    loaders = resolve_data(
+        data,
+        input_shape=spec.input_shape,  # type: ignore[arg-type]
+        mean=spec.mean,
+        std=spec.std,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        seed=config.seed,
+    )
+    if loaders.num_classes != spec.num_classes:
+        raise ConfigError(
+            f"the data has {loaders.num_classes} classes but the model {spec.num_classes}: "
+            f"gate the model with --num-classes {loaders.num_classes}"
+        )
+    return loaders
+
+
+def finetune_to_files(
+    ckpt: Checkpoint,
+    loaders: Any,
+    data: str,
+    out: Path,
+    config: FinetuneConfig,
+    *,
+    start: Checkpoint | None = None,
+    resume: bool = False,
+    callbacks: FinetuneCallbacks | None = None,
+) -> FinetuneResult:
+    """Fine-tune an in-memory gated (or resumed) checkpoint, saving to `out` every epoch."""
+    torch.manual_seed(config.seed)
+    session = prepare_finetune(ckpt, config, len(loaders.train), start=start)
+    if resume:
+        session.trainer.load_state(ckpt.training)  # type: ignore[arg-type]
+        if ckpt.training.get("train_loader_rng") is not None:  # type: ignore[union-attr]
+            # continue the shuffling where it stopped, as an uninterrupted run would
+            loaders.train.generator.set_state(ckpt.training["train_loader_rng"])  # type: ignore[index]
+        baseline = Baseline(**ckpt.extra["baseline"])
+    else:
+        baseline = session.evaluate_baseline(loaders.val, data)
+    saver = _epoch_saver(out, loaders)
+    return _train(session, loaders.train, loaders.val, baseline, callbacks or FinetuneCallbacks(), saver)
+
+
+def _load_resumed(
+    gated: Path, out: Path, overrides: dict[str, Any]
+) -> tuple[Checkpoint, Checkpoint | None, FinetuneConfig]:
+    if not out.is_file():
+        raise CheckpointError(f"resume: no checkpoint to resume at {out}")
+    ckpt = load_checkpoint(out)
+    _bank(ckpt, str(out))
+    if ckpt.training is None:
+        raise CheckpointError(f"{out} holds no training state to resume (finished or not from finetune)")
+    saved = FinetuneConfig.from_dict(ckpt.training["config"])
+    config = resumed_config(saved, overrides, int(ckpt.training["epoch"]))
+    start = None
+    if config.distill > 0:  # the teacher is the run's starting model, not the half-trained weights
+        start = load_checkpoint(gated)
+        if start.spec != ckpt.spec or start.gates is None:
+            raise CheckpointError(f"{gated} is not the gated checkpoint this run started from")
+    return ckpt, start, config
+
+
+__all__ = [
+    "Baseline",
+    "FinetuneCallbacks",
+    "FinetuneResult",
+    "FinetuneSession",
+    "FinetuneStart",
+    "best_path",
+    "finetune",
+    "finetune_stage",
+    "finetune_to_files",
+    "prepare_finetune",
+    "resumed_config",
+]

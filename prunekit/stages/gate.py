@@ -1,0 +1,150 @@
+"""Stage 1, gate: analyse a model's channel groups and insert learnable Gumbel gates.
+
+`gate(model, ...)` works on any `nn.Module` that torch.fx can trace and returns a GateResult in memory;
+`gate_stage(spec, out)` loads a model by its source, gates it and writes the gated checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.checkpoint import Checkpoint, save_checkpoint
+from prunekit.config import GateConfig, ModelSpec
+from prunekit.fileio import check_writable
+from prunekit.gates import GateBank, insert_gates_, make_layout
+from prunekit.graph import ChannelGraph, FrozenChannels, analyze
+from prunekit.measure import count_macs
+from prunekit.models import IMAGENET_MEAN, IMAGENET_STD, check_runs, load_model
+from prunekit.objective import MacModel
+from prunekit.plan import magnitude_scores
+
+
+@dataclass(frozen=True)
+class OriginalSize:
+    """The ungated model's size, counted once (fvcore) and carried through every later stage."""
+
+    macs: int
+    params: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"macs": self.macs, "params": self.params}
+
+
+@dataclass(frozen=True)
+class GateResult:
+    checkpoint: Checkpoint  # stage "gated": the model with its gates, its graph and spec
+    original: OriginalSize
+    gateable_macs: int  # MACs that depend on gates, every gate open
+    frozen: tuple[FrozenChannels, ...] = field(default_factory=tuple)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.checkpoint.model
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.checkpoint.spec
+
+    @property
+    def graph(self) -> ChannelGraph:
+        return self.checkpoint.graph
+
+    @property
+    def bank(self) -> GateBank:
+        bank = self.checkpoint.gates
+        assert bank is not None  # a GateResult always holds gates
+        return bank
+
+    def save(self, path: Path | str) -> None:
+        save_checkpoint(self.checkpoint, Path(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        bank, spec = self.bank, self.spec
+        return {
+            "arch": spec.name,
+            "num_classes": spec.num_classes,
+            "input_shape": list(spec.input_shape or ()),
+            "weights": spec.weights,
+            "macs": self.original.macs,
+            "params": self.original.params,
+            "groups": len(self.graph.groups),
+            "gates": bank.num_gates,
+            "learnable_gates": int((~bank.fixed_on).sum()),
+            "granularity": bank.config.granularity,
+            "gateable_macs": self.gateable_macs,
+            "gateable_fraction": self.gateable_macs / max(1, self.original.macs),
+            "frozen": [{"where": f.where, "reason": f.reason} for f in self.frozen],
+        }
+
+
+def gate(
+    model: nn.Module,
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    spec: ModelSpec | None = None,
+    config: GateConfig | None = None,
+) -> GateResult:
+    """Insert gates into `model` (in place, like `insert_gates_`; pass a copy to keep the original).
+
+    `model`: any classifier that torch.fx can trace. Give `input_shape=(C, H, W)` for a model of your
+    own, or a complete `spec` (what `prunekit.models.load_model` returns) to record where it came from.
+    Without a spec the normalisation recorded is ImageNet's and the class count is read from the
+    model's output."""
+    config = config or GateConfig()
+    spec = _complete_spec(model, spec, input_shape)
+    model.eval()
+    check_runs(model, spec)
+    x = spec.example_input()
+    mac_report = count_macs(model, x)
+    original = OriginalSize(mac_report.total_macs, mac_report.params)
+    graph = analyze(model, x)
+    layout = make_layout(graph, config, magnitude_scores(model, graph))
+    insert_gates_(model, graph, GateBank(layout, config))
+    checkpoint = Checkpoint(spec, model, graph, "gated", extra={"original": original.to_dict()})
+    return GateResult(checkpoint, original, int(MacModel(graph).gateable_macs), tuple(graph.frozen))
+
+
+def _complete_spec(
+    model: nn.Module, spec: ModelSpec | None, input_shape: tuple[int, int, int] | None
+) -> ModelSpec:
+    from prunekit.errors import ConfigError
+
+    if spec is None:
+        if input_shape is None:
+            raise ConfigError("gate() needs input_shape=(C, H, W) (or a spec) to trace the model")
+        spec = ModelSpec(source=None, input_shape=input_shape)
+    elif input_shape is not None and tuple(input_shape) != spec.input_shape:
+        spec = replace(spec, input_shape=input_shape)
+    if spec.complete:
+        return spec
+    if spec.input_shape is None:
+        raise ConfigError(f"the input shape of {spec.name} is unknown: give input_shape=(C, H, W)")
+    channels = spec.input_shape[0]
+    num_classes = spec.num_classes
+    if num_classes is None:
+        with torch.no_grad():
+            out = model.eval()(spec.example_input())
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise ConfigError(f"{spec.name} must return logits of shape (batch, classes) to be gated")
+        num_classes = int(out.shape[1])
+    mean = spec.mean or (IMAGENET_MEAN if channels == 3 else (0.5,) * channels)
+    std = spec.std or (IMAGENET_STD if channels == 3 else (0.5,) * channels)
+    return spec.with_defaults(num_classes=num_classes, mean=mean, std=std)
+
+
+def gate_stage(spec: ModelSpec, out: Path, *, config: GateConfig | None = None, seed: int = 0) -> GateResult:
+    """Load the model `spec` names, gate it and write the gated checkpoint to `out`."""
+    check_writable(out)
+    torch.manual_seed(seed)  # reproducible random init (no weights, or a fresh --num-classes head)
+    model, full_spec = load_model(spec)
+    result = gate(model, spec=full_spec, config=config)
+    result.save(out)
+    return result
+
+
+__all__ = ["GateResult", "OriginalSize", "gate", "gate_stage"]

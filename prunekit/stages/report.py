@@ -1,0 +1,174 @@
+"""What `prunekit report` and `prunekit analyze` measure: a model by source, a prunekit checkpoint, or
+an ONNX file. Library functions returning typed reports; the CLI only renders them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunekit.config import ModelSpec
+from prunekit.errors import ConfigError
+from prunekit.measure import (
+    LatencyResult,
+    ModuleRow,
+    count_macs,
+    module_rows,
+    onnx_input_shape,
+    onnx_latency_ms,
+    onnx_macs_params,
+    torch_latency_ms,
+)
+
+
+@dataclass(frozen=True)
+class TargetReport:
+    """What `prunekit report` shows for a model, a checkpoint or an ONNX file."""
+
+    target: str
+    kind: str  # "model" or "onnx"
+    arch: str | None
+    weights: str | None
+    num_classes: int | None
+    input_shape: tuple[int, ...]
+    macs: int  # per example
+    params: int
+    modules: tuple[ModuleRow, ...]  # empty for ONNX files
+    latency: LatencyResult | None
+    latency_backend: str | None  # "torch" or "onnxruntime"
+
+
+def report_target(
+    target: str,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    depth: int = 1,
+    latency: bool = False,
+    threads: int = 1,
+) -> TargetReport:
+    """Measure a model by source name, a prunekit checkpoint (.pt / .pth) or an .onnx file."""
+    if depth < 0:
+        raise ConfigError(f"--depth must be 0 or more, got {depth}")
+    if target.lower().endswith(".onnx"):
+        return _report_onnx(target, input_shape, latency, threads, weights, num_classes)
+    model, spec = _load_report_target(target, weights, num_classes, input_shape)
+    from prunekit.models import check_runs
+
+    check_runs(model, spec)
+    inputs = spec.example_input()
+    mac_report = count_macs(model, inputs)
+    timing = torch_latency_ms(model, inputs, threads) if latency else None
+    return TargetReport(
+        target=target,
+        kind="model",
+        arch=spec.name,
+        weights=spec.weights,
+        num_classes=spec.num_classes,
+        input_shape=tuple(inputs.shape),
+        macs=mac_report.total_macs,
+        params=mac_report.params,
+        modules=module_rows(mac_report, depth),
+        latency=timing,
+        latency_backend="torch" if latency else None,
+    )
+
+
+def _load_report_target(
+    target: str, weights: str | None, num_classes: int | None, input_shape: tuple[int, int, int] | None
+) -> tuple[nn.Module, ModelSpec]:
+    """A model source, or a prunekit checkpoint measured as the architecture it holds (a gated model
+    without its gate hooks, a slim model at its reduced widths)."""
+    if target.lower().endswith((".pt", ".pth")) or Path(target).is_file():
+        if weights is not None or num_classes is not None:
+            raise ConfigError("--weights and --num-classes apply to model names, not to checkpoints")
+        from prunekit.checkpoint import load_checkpoint
+        from prunekit.gates import get_gates, remove_gates_
+
+        ckpt = load_checkpoint(Path(target))
+        if get_gates(ckpt.model) is not None:
+            remove_gates_(ckpt.model)
+        spec = ckpt.spec
+        shown = ModelSpec(
+            spec.source, f"{target} ({ckpt.stage})", spec.num_classes, spec.input_shape, spec.mean, spec.std
+        )
+        return ckpt.model, _with_shape(shown, input_shape)
+    from prunekit.models import load_model
+
+    model, spec = load_model(
+        ModelSpec(target, weights=weights, num_classes=num_classes, input_shape=input_shape)
+    )
+    return model, spec
+
+
+def _with_shape(spec: ModelSpec, input_shape: tuple[int, int, int] | None) -> ModelSpec:
+    if input_shape is None:
+        return spec
+    from dataclasses import replace
+
+    return replace(spec, input_shape=input_shape)
+
+
+def _report_onnx(
+    target: str,
+    input_shape: tuple[int, int, int] | None,
+    latency: bool,
+    threads: int,
+    weights: str | None,
+    num_classes: int | None,
+) -> TargetReport:
+    if weights is not None or num_classes is not None:
+        raise ConfigError("--weights and --num-classes apply to model names, not to ONNX files")
+    size = None if input_shape is None else input_shape[1]
+    shape = onnx_input_shape(target, size)
+    macs, params = onnx_macs_params(target, size)
+    timing = onnx_latency_ms(target, shape, threads) if latency else None
+    return TargetReport(
+        target=target,
+        kind="onnx",
+        arch=None,
+        weights=None,
+        num_classes=None,
+        input_shape=shape,
+        macs=macs,
+        params=params,
+        modules=(),
+        latency=timing,
+        latency_backend="onnxruntime" if latency else None,
+    )
+
+
+@dataclass(frozen=True)
+class AnalysisReport:
+    """What `prunekit analyze` shows: the channel graph of a model and the share of MACs it can prune."""
+
+    model: str
+    macs: int
+    graph: Any  # ChannelGraph
+
+    @property
+    def prunable_fraction(self) -> float:
+        return self.graph.prunable_macs / max(1, self.macs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.graph.summary() | {
+            "model": self.model,
+            "macs": self.macs,
+            "prunable_fraction": self.prunable_fraction,
+        }
+
+
+def analyze_model(spec: ModelSpec) -> AnalysisReport:
+    """Load the model `spec` names (weights as given, else random) and analyse its channel groups."""
+    from prunekit.graph import analyze
+    from prunekit.models import check_runs, load_model
+
+    model, full = load_model(spec)
+    check_runs(model, full)
+    x = full.example_input()
+    return AnalysisReport(full.name, count_macs(model, x).total_macs, analyze(model, x))
+
+
+__all__ = ["AnalysisReport", "TargetReport", "analyze_model", "report_target"]

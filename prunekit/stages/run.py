@@ -1,0 +1,132 @@
+"""`prunekit run`: gate -> finetune -> slim -> export from one config, into one run directory.
+
+The stages hand their results to each other in memory: the model is loaded and traced once, and the
+original MACs are counted once. Each stage still writes its file (gated.pt, tuned.pt, model.pt,
+model.onnx, plan.json), so a run can be inspected or continued stage by stage, and report.json last.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.config import RunConfig
+from prunekit.errors import AccuracyGateError, ConfigError, DataError
+from prunekit.fileio import atomic_write_text
+from prunekit.models import load_model
+from prunekit.stages.finetune import FinetuneCallbacks, data_loaders, finetune_to_files
+from prunekit.stages.gate import gate
+from prunekit.stages.slim import SlimOutputs, slim, write_slim
+
+RUN_FILES = {
+    "gated": "gated.pt",
+    "tuned": "tuned.pt",
+    "onnx": "model.onnx",
+    "slim": "model.pt",
+    "plan": "plan.json",
+    "report": "report.json",
+}
+
+OnStage = Callable[[str, Any], None]
+
+
+def _run_dir(out_dir: Path) -> dict[str, Path]:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create run directory {out_dir}: {exc.strerror or exc}") from exc
+    return {k: out_dir / v for k, v in RUN_FILES.items()}
+
+
+def _check_data(data: str) -> None:
+    """Fail before any stage runs when the data cannot be there (the loaders check the rest)."""
+    from prunekit.data import BUILTIN
+
+    if data != BUILTIN and not Path(data).expanduser().is_dir():
+        raise DataError(f"data folder not found: {data}")
+
+
+def run_pipeline(
+    config: RunConfig,
+    out_dir: Path,
+    callbacks: FinetuneCallbacks | None = None,
+    on_stage: OnStage | None = None,
+) -> dict[str, Any]:
+    """Run every stage into `out_dir` and write `report.json`. With `max_accuracy_drop`, raises
+    AccuracyGateError (exit code 3) after writing everything when the slimmed model lost more."""
+    out_dir = Path(out_dir)
+    _check_data(config.data)
+    files = _run_dir(out_dir)
+    outputs = SlimOutputs.for_output(
+        files["onnx"] if config.slim.export == "onnx" else files["slim"],
+        config.slim.export,
+        files["slim"],
+        files["plan"],
+    )
+    on_stage = on_stage or (lambda name, result: None)
+
+    torch.manual_seed(0)  # reproducible random init (no weights, or a fresh head), as `prunekit gate`
+    model, spec = load_model(config.model)
+    gated = gate(model, spec=spec, config=config.gates)
+    gated.save(files["gated"])
+    on_stage("gate", gated)
+
+    loaders = data_loaders(config.data, gated.checkpoint, config.finetune)
+    tuned = finetune_to_files(
+        gated.checkpoint, loaders, config.data, files["tuned"], config.finetune, callbacks=callbacks
+    )
+    on_stage("finetune", tuned)
+
+    slimmed = slim(tuned, val_loader=loaders.val, data=config.data, rtol=config.slim.rtol)
+    slimmed.source = str(files["tuned"])
+    write_slim(slimmed, outputs, config.slim, reference=tuned.checkpoint)
+    on_stage("slim", slimmed)
+    return _report(config, files, out_dir, gated.to_dict(), tuned.to_dict(), slimmed.to_dict())
+
+
+def _report(
+    config: RunConfig,
+    files: dict[str, Path],
+    out_dir: Path,
+    gate: dict[str, Any],
+    tuned: dict[str, Any],
+    slim: dict[str, Any],
+) -> dict[str, Any]:
+    before = tuned["baseline_val_acc"]
+    after = slim["accuracy"]["slim"]
+    drop = 100.0 * (before - after)
+    allowed = config.max_accuracy_drop
+    report = {
+        "config": config.to_dict(),
+        "files": {k: str(v) for k, v in files.items() if v.exists() or k == "report"},
+        "gate": gate | {"output": str(files["gated"])},
+        "finetune": tuned,
+        "slim": slim,
+        "summary": {
+            "macs_before": slim["original"]["macs"],
+            "macs_after": slim["slim"]["macs"],
+            "macs_ratio": slim["macs_ratio"],
+            "params_before": slim["original"]["params"],
+            "params_after": slim["slim"]["params"],
+            "accuracy_before": before,
+            "accuracy_after": after,
+            "accuracy_drop_points": drop,
+            "max_accuracy_drop": allowed,
+            "passed": allowed is None or drop <= allowed,
+            "latency_speedup": (slim.get("latency") or {}).get("speedup"),
+        },
+    }
+    atomic_write_text(files["report"], json.dumps(report, indent=1, default=str) + "\n")
+    if not report["summary"]["passed"]:
+        raise AccuracyGateError(
+            f"the slimmed model lost {drop:.2f} accuracy points (allowed {allowed:g}); "
+            f"everything is in {out_dir}, see report.json"
+        )
+    return report
+
+
+__all__ = ["RUN_FILES", "run_pipeline"]
