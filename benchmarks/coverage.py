@@ -30,10 +30,12 @@ import torch
 import torchvision
 
 from prunekit.graph import ChannelGraph, analyze
+from prunekit.masking import masked
 from prunekit.measure import count_macs, count_params
 from prunekit.models import build_model
+from prunekit.parity import compare_outputs
 from prunekit.plan import random_plan
-from prunekit.slim import compare_outputs, masked, slim_
+from prunekit.surgery import slim_
 from prunekit.testing import randomize_
 
 KEEP = 0.5

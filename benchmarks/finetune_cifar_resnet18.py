@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.checkpoint import load_checkpoint
-from prunekit.finetune import FinetuneConfig
-from prunekit.gates import GateConfig, remove_gates_
-from prunekit.pipeline import FinetuneCallbacks, finetune_stage, gate_stage, slim_stage
+from prunekit.config import FinetuneConfig, GateConfig, ModelSpec, SlimConfig
+from prunekit.gates import remove_gates_
+from prunekit.stages.finetune import FinetuneCallbacks, finetune_stage
+from prunekit.stages.gate import gate_stage
+from prunekit.stages.slim import slim_stage
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -82,16 +84,17 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    gate = gate_stage(
+    spec = ModelSpec(
         "resnet18",
-        work / "gated.pt",
         weights=args.weights,
         num_classes=10,
-        input_size=32,
-        config=GateConfig(granularity=args.granularity, min_keep=args.min_keep),
+        input_shape=(3, 32, 32),
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
     )
+    gate = gate_stage(
+        spec, work / "gated.pt", config=GateConfig(granularity=args.granularity, min_keep=args.min_keep)
+    ).to_dict()
     overhead = step_overhead(work / "gated.pt", args.batch_size, 10)
     print("step overhead", overhead, flush=True)
     cfg = FinetuneConfig(
@@ -114,8 +117,10 @@ def main() -> None:
             on_start=lambda i: print("start", i, flush=True),
             on_epoch=lambda m: print("epoch", json.dumps(m.to_dict()), flush=True),
         ),
-    )
-    slim = slim_stage(work / "tuned.pt", work / "slim.onnx", data=args.data, latency=True, threads=2)
+    ).to_dict()
+    slim = slim_stage(
+        work / "tuned.pt", work / "slim.onnx", SlimConfig(latency=True, threads=2), data=args.data
+    ).to_dict()
     result = {
         "command": "python benchmarks/finetune_cifar_resnet18.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),

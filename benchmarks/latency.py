@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from onnxruntime import InferenceSession
 
+from prunekit.config import ModelSpec
 from prunekit.export import export_onnx
 from prunekit.graph import analyze
 from prunekit.measure import count_macs
-from prunekit.models import build_model, example_input
+from prunekit.models import build_model
 from prunekit.onnxrt import cpu_session
 from prunekit.plan import magnitude_scores, plan_from_scores
-from prunekit.slim import slim_
+from prunekit.surgery import slim_
 
 
 def plan_for_target(model, graph, target: float, round_to: int, kind: str):  # noqa: ANN001, ANN201
@@ -84,7 +85,7 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         model = build_model(name)
-        x = example_input(name, input_size=args.size)
+        x = ModelSpec(name, input_shape=(3, args.size, args.size)).example_input()
         graph = analyze(model, x)
         plan = plan_for_target(model, graph, args.target, args.round_to, args.plan)
         slim = slim_(copy.deepcopy(model), graph, plan).eval()

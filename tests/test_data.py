@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from prunekit.data import builtin_loaders, image_folder_loaders, resolve_data, stratified_split
-from prunekit.errors import DataError
+from prunekit.errors import ConfigError, DataError
 
 CLASSES = ("cat", "dog", "emu")
 STATS = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+STATS_1 = {"mean": (0.5,), "std": (0.25,)}
 
 
 def write_images(folder: Path, classes: tuple[str, ...] = CLASSES, per_class: int = 4, size=(40, 30)) -> None:
@@ -26,7 +27,7 @@ def write_images(folder: Path, classes: tuple[str, ...] = CLASSES, per_class: in
 
 
 def loaders(root: Path, **kwargs):
-    options = {"input_size": 32, "batch_size": 4, "workers": 0, **STATS, **kwargs}
+    options = {"input_shape": (3, 32, 32), "batch_size": 4, "workers": 0, **STATS, **kwargs}
     return image_folder_loaders(root, **options)
 
 
@@ -35,7 +36,7 @@ def test_train_and_val_folders(tmp_path: Path, val_name: str) -> None:
     write_images(tmp_path / "train", per_class=4)
     write_images(tmp_path / val_name, per_class=2)
     data = loaders(tmp_path)
-    assert data.classes == CLASSES and data.num_classes == 3 and data.input_size == 32
+    assert data.classes == CLASSES and data.num_classes == 3
     assert (len(data.train.dataset), len(data.val.dataset)) == (12, 6)
     images, labels = next(iter(data.train))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
@@ -67,7 +68,7 @@ def test_large_inputs_and_grayscale_images(tmp_path: Path) -> None:
     write_images(tmp_path / "train", per_class=2)
     write_images(tmp_path / "val", per_class=1)
     Image.fromarray(np.full((50, 70), 128, dtype=np.uint8), mode="L").save(tmp_path / "val" / "cat" / "g.png")
-    data = loaders(tmp_path, input_size=96, batch_size=8)
+    data = loaders(tmp_path, input_shape=(3, 96, 96), batch_size=8)
     for loader in (data.train, data.val):
         images, _ = next(iter(loader))
         assert images.shape[1:] == (3, 96, 96)
@@ -114,7 +115,7 @@ def test_bad_folders(tmp_path: Path, layout: str, message: str) -> None:
 
 
 def test_builtin_dataset() -> None:
-    data = builtin_loaders(input_size=32, batch_size=50, train_augment=False)
+    data = builtin_loaders(input_shape=(3, 32, 32), batch_size=50, train_augment=False)
     assert data.num_classes == 10 and len(data.classes) == 10 and data.classes[0] == "T-shirt/top"
     assert (len(data.train.dataset), len(data.val.dataset)) == (6000, 1000)
     images, labels = next(iter(data.train))
@@ -127,8 +128,32 @@ def test_builtin_dataset() -> None:
 
 
 def test_resolve_data_dispatches(tmp_path: Path) -> None:
-    assert resolve_data("builtin", input_size=28, batch_size=8).input_size == 28
+    images, _ = next(iter(resolve_data("builtin", input_shape=(3, 28, 28), batch_size=8).val))
+    assert images.shape == (8, 3, 28, 28)
     write_images(tmp_path, per_class=3)
-    assert resolve_data(str(tmp_path), input_size=32, batch_size=8).classes == CLASSES
+    assert resolve_data(str(tmp_path), input_shape=(3, 32, 32), batch_size=8).classes == CLASSES
     with pytest.raises(DataError, match="data folder not found"):
-        resolve_data("builtin-typo", input_size=32)
+        resolve_data("builtin-typo", input_shape=(3, 32, 32))
+
+
+def test_grayscale_and_non_square_shapes(tmp_path: Path) -> None:
+    write_images(tmp_path, per_class=3)
+    data = resolve_data(str(tmp_path), input_shape=(1, 24, 40), batch_size=4, **STATS_1)
+    images, _ = next(iter(data.train))
+    assert images.shape == (4, 1, 24, 40)
+    images, _ = next(iter(builtin_loaders(input_shape=(1, 28, 28), batch_size=4).val))
+    assert images.shape == (4, 1, 28, 28)
+    with pytest.raises(ConfigError, match="1 .grayscale. or 3 .RGB. channels"):
+        builtin_loaders(input_shape=(4, 28, 28))
+
+
+def test_sampler_slot_orders_the_training_set() -> None:
+    from torch.utils.data import SequentialSampler
+
+    data = builtin_loaders(
+        input_shape=(3, 28, 28), batch_size=6, train_sampler=SequentialSampler, train_augment=False
+    )
+    assert isinstance(data.train.sampler, SequentialSampler)
+    first, _ = next(iter(data.train))
+    again, _ = next(iter(data.train))
+    assert torch.equal(first, again)  # no shuffle: the sampler decides the order

@@ -1,4 +1,4 @@
-"""Channel analysis (prunekit.graph), plans (prunekit.plan) and slimming (prunekit.slim).
+"""Channel analysis (prunekit.graph), plans (prunekit.plan) and slimming (prunekit.surgery).
 
 The central property: for a random plan, the physically slimmed model computes what the masked model
 computes. Models are built with weights=None and then randomised (conftest.randomize), because torchvision
@@ -25,7 +25,8 @@ from prunekit.graph import ChannelGraph, ChannelGroup, ModuleSlice, analyze
 from prunekit.measure import count_macs, count_params
 from prunekit.models import build_model, last_linear
 from prunekit.plan import ChannelPlan, fraction_plan, full_plan, random_plan, round_units
-from prunekit.slim import masked, slim_
+from prunekit.masking import masked
+from prunekit.surgery import slim_
 
 RTOL = 1e-4  # max |slim - masked| <= RTOL * max |masked|
 KEEP = 0.5  # random plans keep about half of every group

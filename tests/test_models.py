@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pathlib import Path
 
 import pytest
@@ -9,12 +11,13 @@ import torch
 import torchvision
 from torch import nn
 
+from prunekit.config import ModelSpec
 from prunekit.errors import UnknownModelError, WeightsError
 from prunekit.models import (
     IMAGENET_MEAN,
     build_model,
     default_input_size,
-    example_input,
+    resolve_source,
     hub_cache_file,
     load_model,
 )
@@ -55,21 +58,21 @@ def test_hub_cache_file_follows_torch_home(torch_home: Path) -> None:
 
 @pytest.mark.parametrize("name", ["IMAGENET1K_V1", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1"])
 def test_torchvision_weights_load_from_hub_cache(cached_r18: dict[str, torch.Tensor], name: str) -> None:
-    loaded = load_model("resnet18", weights=name)
-    assert_same_weights(loaded.model, cached_r18)
-    assert not loaded.model.training
-    assert (loaded.arch, loaded.weights, loaded.num_classes) == ("resnet18", name, 1000)
-    assert loaded.input_size == 224
-    assert loaded.mean == IMAGENET_MEAN
+    model, spec = load_model("resnet18", weights=name)
+    assert_same_weights(model, cached_r18)
+    assert not model.training
+    assert (spec.source, spec.weights, spec.num_classes) == ("resnet18", name, 1000)
+    assert spec.input_shape == (3, 224, 224)
+    assert spec.mean == IMAGENET_MEAN
 
 
 def test_num_classes_with_torchvision_weights_replaces_the_head(cached_r18: dict[str, torch.Tensor]) -> None:
-    loaded = load_model("resnet18", weights="IMAGENET1K_V1", num_classes=10)
-    assert loaded.num_classes == 10
-    assert loaded.model.fc.out_features == 10
-    assert loaded.model.fc.in_features == 512
-    assert_same_weights(loaded.model, cached_r18, skip="fc.")
-    assert loaded.model(example_input(loaded, batch=2, input_size=64)).shape == (2, 10)
+    model, spec = load_model("resnet18", weights="IMAGENET1K_V1", num_classes=10)
+    assert spec.num_classes == 10
+    assert model.fc.out_features == 10
+    assert model.fc.in_features == 512
+    assert_same_weights(model, cached_r18, skip="fc.")
+    assert model(replace(spec, input_shape=(3, 64, 64)).example_input(2)).shape == (2, 10)
 
 
 def test_missing_hub_file_names_the_expected_file(torch_home: Path) -> None:
@@ -95,18 +98,18 @@ def test_local_file_with_module_prefix_and_wrapper(tmp_path: Path) -> None:
     state_dict = torchvision.models.resnet18(weights=None, num_classes=10).state_dict()
     path = tmp_path / "ddp.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state_dict.items()}, "epoch": 3}, path)
-    loaded = load_model("resnet18", weights=str(path))  # num_classes inferred from the file's head
-    assert loaded.num_classes == 10
-    assert_same_weights(loaded.model, state_dict)
+    model, spec = load_model("resnet18", weights=str(path))  # num_classes inferred from the file's head
+    assert spec.num_classes == 10
+    assert_same_weights(model, state_dict)
 
 
 def test_local_file_with_explicit_num_classes(tmp_path: Path) -> None:
     state_dict = torchvision.models.mobilenet_v2(weights=None, num_classes=7).state_dict()
     path = tmp_path / "mnv2.pt"
     torch.save(state_dict, path)
-    loaded = load_model("mobilenet_v2", weights=str(path), num_classes=7)
-    assert loaded.model.classifier[1].out_features == 7
-    assert_same_weights(loaded.model, state_dict)
+    model, spec = load_model("mobilenet_v2", weights=str(path), num_classes=7)
+    assert model.classifier[1].out_features == 7
+    assert_same_weights(model, state_dict)
 
 
 def test_mismatched_state_dict_is_summarised_on_one_line(tmp_path: Path) -> None:
@@ -154,14 +157,25 @@ def test_default_input_sizes() -> None:
     assert default_input_size("resnet18") == 224
     assert default_input_size("inception_v3") == 299
     assert default_input_size("vit_h_14") == 224  # without weights torchvision builds it for 224 px
-    assert load_model("squeezenet1_0").input_size == 224
+    assert load_model("squeezenet1_0")[1].input_shape == (3, 224, 224)
 
 
 def test_example_input_is_seeded() -> None:
-    first = example_input("resnet18", batch=2, input_size=32)
+    spec = ModelSpec("resnet18", input_shape=(3, 32, 32))
+    first = spec.example_input(2)
     assert first.shape == (2, 3, 32, 32)
-    assert torch.equal(first, example_input("resnet18", batch=2, input_size=32))
-    assert example_input("inception_v3").shape == (1, 3, 299, 299)
+    assert torch.equal(first, spec.example_input(2))
+    assert load_model("inception_v3")[1].example_input().shape == (1, 3, 299, 299)
+    assert ModelSpec(None, input_shape=(1, 28, 20)).example_input(3).shape == (3, 1, 28, 20)
+
+
+def test_model_source_seam() -> None:
+    source = resolve_source("resnet18")
+    assert isinstance(source.build(10), torch.nn.Module) and source.build(10).fc.out_features == 10
+    with pytest.raises(UnknownModelError, match="did you mean resnet18"):
+        resolve_source("resnet-18")
+    with pytest.raises(UnknownModelError, match="in memory"):
+        resolve_source(None)
 
 
 def test_wrong_file_in_hub_cache_is_summarised(torch_home: Path) -> None:
@@ -180,5 +194,5 @@ def test_head_size_is_inferred_for_models_that_cannot_be_built_on_meta(tmp_path:
     # regnets compute their widths from tensor values, so the meta-device skeleton fails for them
     path = tmp_path / "regnet.pth"
     torch.save(torchvision.models.regnet_x_400mf(weights=None, num_classes=3).state_dict(), path)
-    loaded = load_model("regnet_x_400mf", weights=str(path))
-    assert loaded.num_classes == 3 and loaded.model.fc.out_features == 3
+    model, spec = load_model("regnet_x_400mf", weights=str(path))
+    assert spec.num_classes == 3 and model.fc.out_features == 3
