@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"
 
 # public name -> module that defines it (the one list: __all__ is derived from it)
 _LAZY: dict[str, str] = {

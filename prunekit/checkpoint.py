@@ -129,8 +129,15 @@ def load_checkpoint(path: Path | str, *, model: nn.Module | None = None) -> Chec
         raise CheckpointError(f"{path}: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is inconsistent: missing or malformed field {exc}") from exc
-    if not spec.complete or stage not in STAGES:
-        raise CheckpointError(f"{path} is inconsistent: incomplete model description or unknown stage")
+    missing = [k for k in ("num_classes", "input_shape", "mean", "std") if getattr(spec, k) is None]
+    if missing:
+        raise CheckpointError(
+            f"{path} is inconsistent: missing or malformed field {', '.join(map(repr, missing))}"
+        )
+    if stage not in STAGES:
+        raise CheckpointError(
+            f"{path} is inconsistent: unknown stage {stage!r} (expected {', '.join(STAGES)})"
+        )
     if model is None:
         model = _build(spec, path)
     elif get_gates(model) is not None:
@@ -174,11 +181,15 @@ def _insert_recorded_gates(
     model: nn.Module, graph: ChannelGraph, description: Any, path: Path, spec: ModelSpec
 ) -> None:
     try:
-        insert_gates_(model, graph, gate_bank_from_description(description))
+        bank = gate_bank_from_description(description)
     except PrunekitError as exc:
-        raise CheckpointError(f"{path}: the stored gates do not fit {spec.name}: {exc}") from exc
+        raise CheckpointError(f"{path}: {exc}") from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed gate configuration ({exc})") from exc
+    try:
+        insert_gates_(model, graph, bank)
+    except PrunekitError as exc:
+        raise CheckpointError(f"{path}: the stored gates do not fit {spec.name}: {exc}") from exc
 
 
 def _format1_state(data: dict[str, Any], state_dict: Any) -> Any:

@@ -11,17 +11,19 @@ import torch
 from torch import nn
 
 from prunekit.checkpoint import (
+    FORMAT_VERSION,
     Checkpoint,
-    example_batch,
     load_checkpoint,
     read_checkpoint_data,
     save_checkpoint,
 )
+from prunekit.config import ModelSpec
 from prunekit.errors import CheckpointError
 from prunekit.gates import remove_gates_
-from prunekit.pipeline import gate_stage
+from prunekit.masking import masked
 from prunekit.plan import plan_from_units
-from prunekit.slim import masked, slim_
+from prunekit.stages.gate import gate_stage
+from prunekit.surgery import slim_
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def gated_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A gated resnet18 (10 classes, 32 px) whose gates are half open and whose BatchNorm statistics
     are not the identity, as after some training."""
     path = tmp_path_factory.mktemp("ckpt") / "gated.pt"
-    gate_stage("resnet18", path, num_classes=10, input_size=32)
+    gate_stage(ModelSpec("resnet18", num_classes=10, input_shape=32), path)
     ckpt = load_checkpoint(path)
     torch.manual_seed(0)
     ckpt.model.train()
@@ -86,7 +88,7 @@ def test_gated_round_trip_is_exact(gated_file: Path, tmp_path: Path) -> None:
         "round trip",
     )
     assert not second.model.training
-    x = example_batch(first.spec, 3)
+    x = first.spec.example_input(3)
     with torch.no_grad():
         torch.testing.assert_close(second.model(x), first.model(x), rtol=0, atol=0)
 
@@ -113,7 +115,7 @@ def test_slim_round_trip(gated_file: Path, tmp_path: Path) -> None:
     _state_equal(slim, loaded.model)
     assert loaded.model.layer1[0].conv1.out_channels < plain.layer1[0].conv1.out_channels  # rebuilt smaller
     assert loaded.model.layer1[0].conv1.out_channels == slim.layer1[0].conv1.out_channels
-    x = example_batch(ckpt.spec, 3)
+    x = ckpt.spec.example_input(3)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), slim(x), rtol=0, atol=0)
         with masked(plain, ckpt.graph, plan):
@@ -123,11 +125,92 @@ def test_slim_round_trip(gated_file: Path, tmp_path: Path) -> None:
 
 def test_checkpoint_is_plain_data(gated_file: Path) -> None:
     data = torch.load(gated_file, weights_only=True)
-    assert data["format_version"] == 1
-    assert data["model"]["arch"] == "resnet18" and data["model"]["num_classes"] == 10
+    assert data["format_version"] == FORMAT_VERSION == 2
+    assert data["model"]["source"] == "resnet18" and data["model"]["num_classes"] == 10
+    assert data["model"]["input_shape"] == [3, 32, 32]
     assert data["gates"]["config"]["granularity"] == 8
     assert "prunekit_gates.logits" in data["state_dict"]
     assert read_checkpoint_data(gated_file)["stage"] == "gated"
+
+
+# -- formats: the gate-bank kind, format 1 ------------------------------------------------------------
+
+
+def test_checkpoint_records_the_gate_kind(gated_file: Path) -> None:
+    data = read_checkpoint_data(gated_file)
+    assert data["gates"]["kind"] == "static"
+    assert data["gates"]["tau"] == pytest.approx(0.7)
+    assert "prunekit_gates.decided" in data["state_dict"]
+    assert not bool(data["state_dict"]["prunekit_gates.decided"])  # gated, not yet decided
+
+
+def test_unknown_gate_kind(gated_file: Path, tmp_path: Path) -> None:
+    path = _edited(gated_file, tmp_path, lambda d: d["gates"].__setitem__("kind", "conditional"))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    _one_line(err, "edited.pt", "unknown gate kind", "'conditional'", "static")
+
+
+def _as_format1(data: dict) -> dict:
+    """The dict as prunekit 0.1 (checkpoint format 1) wrote it."""
+    model = data["model"]
+    channels, height, width = model["input_shape"]
+    assert channels == 3 and height == width  # format 1 knew square RGB inputs only
+    gates = {k: v for k, v in data["gates"].items() if k != "kind"}
+    state = {k: v for k, v in data["state_dict"].items() if k != "prunekit_gates.decided"}
+    return data | {
+        "format_version": 1,
+        "model": {
+            "arch": model["source"],
+            "num_classes": model["num_classes"],
+            "input_size": height,
+            "mean": model["mean"],
+            "std": model["std"],
+            "weights": model["weights"],
+        },
+        "gates": gates,
+        "state_dict": state,
+    }
+
+
+@pytest.mark.parametrize(
+    ("stage", "training", "decided"),
+    [
+        ("gated", None, False),
+        ("finetuned", None, True),  # a finished format-1 fine-tune had fixed its decisions
+        ("finetuned", {"epoch": 1, "step": 2, "decided": False}, False),  # interrupted before the decision
+        ("finetuned", {"epoch": 1, "step": 2, "decided": True}, True),
+    ],
+    ids=["gated", "finished", "resumable-undecided", "resumable-decided"],
+)
+def test_format1_checkpoint_still_loads(
+    gated_file: Path, tmp_path: Path, stage: str, training: dict | None, decided: bool
+) -> None:
+    current = load_checkpoint(gated_file)
+    data = _as_format1(torch.load(gated_file, weights_only=True)) | {"stage": stage, "training": training}
+    old = tmp_path / "format1.pt"
+    torch.save(data, old)
+    assert set(data["model"]) == {"arch", "num_classes", "input_size", "mean", "std", "weights"}
+    assert "kind" not in data["gates"] and "prunekit_gates.decided" not in data["state_dict"]
+
+    loaded = load_checkpoint(old)
+    assert loaded.stage == stage and loaded.spec == current.spec
+    assert loaded.spec.input_shape == (3, 32, 32)
+    assert loaded.gates is not None and current.gates is not None
+    assert loaded.gates.layout == current.gates.layout and loaded.gates.config == current.gates.config
+    assert loaded.gates.tau == pytest.approx(0.7)
+    assert torch.equal(loaded.gates.decisions(), current.gates.decisions())
+    assert loaded.gates.is_decided is decided
+    x = current.spec.example_input(3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), current.model(x), rtol=0, atol=0)
+
+    resaved = tmp_path / "format2.pt"  # saving again writes the current format
+    save_checkpoint(loaded, resaved)
+    raw = read_checkpoint_data(resaved)
+    assert raw["format_version"] == FORMAT_VERSION and raw["gates"]["kind"] == "static"
+    assert bool(raw["state_dict"]["prunekit_gates.decided"]) is decided
+    _state_equal(load_checkpoint(resaved).model, loaded.model)
 
 
 # -- bad files --------------------------------------------------------------------------------------
@@ -188,7 +271,7 @@ def _edited(gated_file: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001
 
 
 def test_architecture_edited(gated_file: Path, tmp_path: Path) -> None:
-    path = _edited(gated_file, tmp_path, lambda d: d["model"].__setitem__("arch", "resnet34"))
+    path = _edited(gated_file, tmp_path, lambda d: d["model"].__setitem__("source", "resnet34"))
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     _one_line(err, "edited.pt", "resnet34")
@@ -198,13 +281,13 @@ def test_architecture_edited_without_gates(gated_file: Path, tmp_path: Path) -> 
     """Without gates in the way, the strict state_dict check names the mismatch."""
 
     def edit(d: dict) -> None:
-        d["model"]["arch"] = "resnet34"
+        d["model"]["source"] = "resnet34"
         d["gates"] = None
         d["state_dict"] = {k: v for k, v in d["state_dict"].items() if not k.startswith("prunekit_gates.")}
 
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(_edited(gated_file, tmp_path, edit))
-    _one_line(err, "do not fit resnet34", "missing")
+    _one_line(err, "edited.pt", "does not fit resnet34", "missing")
 
 
 def test_num_classes_edited(gated_file: Path, tmp_path: Path) -> None:
@@ -215,7 +298,7 @@ def test_num_classes_edited(gated_file: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_architecture(gated_file: Path, tmp_path: Path) -> None:
-    path = _edited(gated_file, tmp_path, lambda d: d["model"].__setitem__("arch", "resnet9000"))
+    path = _edited(gated_file, tmp_path, lambda d: d["model"].__setitem__("source", "resnet9000"))
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     _one_line(err, "resnet9000")
@@ -226,7 +309,7 @@ def test_unknown_architecture(gated_file: Path, tmp_path: Path) -> None:
     [
         (lambda d: d.__setitem__("format_version", 99), "format 99"),
         (lambda d: d.pop("state_dict"), "state_dict"),
-        (lambda d: d["model"].pop("input_size"), "input_size"),
+        (lambda d: d["model"].pop("input_shape"), "input_shape"),
         (lambda d: d["state_dict"].pop("fc.bias"), "fc.bias"),
         (lambda d: d["gates"].pop("layout"), "gate"),
         (lambda d: d["gates"]["layout"].__setitem__("unit_gate", [0, 1]), "gates do not fit"),
@@ -235,7 +318,7 @@ def test_unknown_architecture(gated_file: Path, tmp_path: Path) -> None:
     ids=[
         "format-version",
         "no-state-dict",
-        "no-input-size",
+        "no-input-shape",
         "missing-weight",
         "no-layout",
         "bad-layout",
@@ -262,7 +345,7 @@ def test_pickled_code_is_refused_without_running_it(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     for name, obj in [
         ("object.pt", _Payload(marker)),
-        ("wrapped.pt", {"format": "prunekit-checkpoint", "format_version": 1, "extra": _Payload(marker)}),
+        ("wrapped.pt", {"format": "prunekit-checkpoint", "format_version": 2, "extra": _Payload(marker)}),
     ]:
         path = tmp_path / name
         torch.save(obj, path)

@@ -15,9 +15,10 @@ import typer
 from typer.testing import CliRunner
 
 import prunekit
-from prunekit import measure
-from prunekit.cli import app, user_errors
-from prunekit.render import NON_TTY_WIDTH
+from prunekit.cli import app
+from prunekit.cli.common import user_errors
+from prunekit.cli.render import NON_TTY_WIDTH
+from prunekit.stages import report as report_stage
 
 BIN = Path(sys.executable).parent
 
@@ -120,7 +121,7 @@ def test_corrupt_checkpoint_report_is_a_user_error(tmp_path: Path) -> None:
 
 
 def test_too_small_input_is_a_user_error() -> None:
-    assert_user_error(invoke("report", "alexnet", "--input-size", "16"), "does not run on 16x16 inputs")
+    assert_user_error(invoke("report", "alexnet", "--input-shape", "16"), "does not run on 3x16x16 inputs")
 
 
 def test_missing_onnx_file(tmp_path: Path) -> None:
@@ -128,7 +129,7 @@ def test_missing_onnx_file(tmp_path: Path) -> None:
 
 
 def test_missing_data_folder_through_the_error_helper(tmp_path: Path) -> None:
-    # No command takes --data yet; this is the pattern every command follows (see prunekit.cli).
+    # A command of our own, built the way every prunekit command is (see prunekit.cli.common).
     probe = typer.Typer()
 
     @probe.command()
@@ -136,7 +137,7 @@ def test_missing_data_folder_through_the_error_helper(tmp_path: Path) -> None:
     def train(data: Annotated[str, typer.Option()]) -> None:
         from prunekit.data import resolve_data
 
-        resolve_data(data, input_size=32)
+        resolve_data(data, input_shape=(3, 32, 32))
 
     missing = tmp_path / "nowhere"
     result = CliRunner().invoke(probe, ["--data", str(missing)])
@@ -147,7 +148,7 @@ def test_bugs_are_not_disguised_as_user_errors(monkeypatch: pytest.MonkeyPatch) 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(measure, "report_target", broken)
+    monkeypatch.setattr(report_stage, "report_target", broken)
     result = invoke("report", "resnet18")
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError)
@@ -182,7 +183,7 @@ def test_models_filter_without_match() -> None:
 
 
 def test_report_table_on_a_non_terminal() -> None:
-    result = invoke("report", "resnet18", "--input-size", "64", "--depth", "2")
+    result = invoke("report", "resnet18", "--input-shape", "64", "--depth", "2")
     assert result.exit_code == 0 and result.stderr == ""
     out = result.stdout
     assert "MACs" in out and "FLOP" not in out
@@ -191,7 +192,7 @@ def test_report_table_on_a_non_terminal() -> None:
 
 
 def test_report_json_with_latency() -> None:
-    result = invoke("report", "resnet18", "--input-size", "32", "--depth", "0", "--latency", "--json")
+    result = invoke("report", "resnet18", "--input-shape", "32", "--depth", "0", "--latency", "--json")
     assert result.exit_code == 0 and result.stderr == ""
     data = json.loads(result.stdout)
     assert data["modules"] == [] and data["latency_backend"] == "torch"

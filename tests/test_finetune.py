@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-import copy
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typer.testing import CliRunner
 
-import prunekit.finetune as finetune_mod
-from prunekit.checkpoint import example_batch, load_checkpoint, read_checkpoint_data
+import prunekit.trainer as trainer_mod
+from prunekit.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_data, save_checkpoint
 from prunekit.cli import app
+from prunekit.config import FinetuneConfig, ModelSpec
 from prunekit.data import resolve_data
-from prunekit.errors import ConfigError, TrainingError
-from prunekit.finetune import FinetuneConfig, Interrupted, Trainer, finetune, make_budget
-from prunekit.gates import remove_gates_
-from prunekit.measure import count_macs
-from prunekit.objective import MacModel
-from prunekit.pipeline import best_path, finetune_stage, gate_stage
+from prunekit.errors import ConfigError, Interrupted, TrainingError
+from prunekit.stages.finetune import (
+    FinetuneSession,
+    best_path,
+    finetune_stage,
+    prepare_finetune,
+    resumed_config,
+)
+from prunekit.stages.gate import gate_stage
+from prunekit.trainer import Trainer, run_epochs
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +36,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny")
     data = make_image_folder(root / "data", classes=3, train=8, val=2)
     gated = root / "gated.pt"
-    gate_stage("resnet18", gated, num_classes=3, input_size=32)
+    gate_stage(ModelSpec("resnet18", num_classes=3, input_shape=32), gated)
     return gated, data
 
 
 @pytest.fixture(scope="module")
 def gated10(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("g10") / "gated.pt"
-    gate_stage("resnet18", path, num_classes=10, input_size=32)
+    gate_stage(ModelSpec("resnet18", num_classes=10, input_shape=32), path)
     return path
 
 
@@ -53,34 +59,36 @@ def tiny_config(**overrides: object) -> FinetuneConfig:
     return FinetuneConfig(**(args | overrides))
 
 
+def _session(gated: Path, config: FinetuneConfig, steps: int) -> FinetuneSession:
+    """The fine-tune stage's own setup (trainer, teacher, budget) for the gated checkpoint at `gated`."""
+    return prepare_finetune(load_checkpoint(gated), config, steps)
+
+
 def _trainer(gated: Path, config: FinetuneConfig, steps: int) -> Trainer:
-    ckpt = load_checkpoint(gated)
-    assert ckpt.gates is not None
-    plain = copy.deepcopy(ckpt.model)
-    remove_gates_(plain)
-    total = count_macs(plain, example_batch(ckpt.spec)).total_macs
-    mac_model = MacModel(ckpt.graph)
-    budget = make_budget(ckpt.gates, mac_model, total, config.target_macs)
-    return Trainer(ckpt.model, ckpt.gates, mac_model, budget, config, steps)
+    return _session(gated, config, steps).trainer
 
 
 def _builtin(batch_size: int, seed: int = 0):  # noqa: ANN202
-    return resolve_data("builtin", input_size=32, batch_size=batch_size, seed=seed)
+    return resolve_data("builtin", input_shape=(3, 32, 32), batch_size=batch_size, seed=seed)
 
 
 # -- reaching the target ----------------------------------------------------------------------------
 
 
-def test_strong_lambda_drives_macs_to_the_target(gated10: Path) -> None:
-    """lambda 20, gate lr 0.1, decisions only at the very end: the gates themselves must learn the budget."""
+def _learn_gates(gated10: Path, lam: float) -> tuple[Trainer, float, list[float]]:
+    """One epoch of 30 steps at gate lr 0.1 with decisions only at the very end (decide_at 1), no
+    teacher: what the gates learn comes from the activation loss alone. Returns the trainer, the
+    gateable fraction of the MAP decisions the gates learned (just before the decision point's
+    projection) and the sampled batch fraction B of every step."""
     steps = 30
     config = FinetuneConfig(
         target_macs=0.5,
         epochs=1,
         batch_size=8,
-        lam=20.0,
+        lam=lam,
         gate_lr=0.1,
         decide_at=1.0,
+        distill=0.0,
         workers=0,
         max_steps_per_epoch=steps,
         device="cpu",
@@ -99,12 +107,18 @@ def test_strong_lambda_drives_macs_to_the_target(gated10: Path) -> None:
     b_values: list[float] = []
     trainer.train_one_epoch(_builtin(8).train, on_step=lambda s: b_values.append(s["b"]))
     assert trainer.step == steps and trainer.decided and len(learned) == 1
+    return trainer, learned[0], b_values
+
+
+def test_strong_lambda_drives_macs_to_the_target(gated10: Path) -> None:
+    """lambda 20: the gates themselves must learn the budget."""
+    trainer, learned, b_values = _learn_gates(gated10, lam=20.0)
     t = trainer.budget.t
     assert t == pytest.approx(0.5)  # resnet18: every MAC is gateable
     # In so few steps the Adam-driven logits still oscillate around the target (measured over seeds and
     # 30-50 steps: 0.40-0.59), so the learned decisions get a wider band; the projection at the decision
     # point is what lands within 0.05. The lambda-0 control below stays near 1.
-    assert abs(learned[0] - t) < 0.15, learned
+    assert abs(learned - t) < 0.15, learned
     assert abs(np.mean(b_values[-5:]) - t) < 0.15, b_values  # the sampled batch fraction B followed
     assert np.mean(b_values[:3]) > 0.8  # ... from (almost) everything on
     final = trainer.decision_fraction()
@@ -114,30 +128,20 @@ def test_strong_lambda_drives_macs_to_the_target(gated10: Path) -> None:
 
 def test_no_activation_loss_keeps_the_gates_open(gated10: Path) -> None:
     """The control: without the activation loss (lambda 0) the same run leaves (almost) every gate open."""
-    steps = 30
-    config = FinetuneConfig(
-        target_macs=0.5,
-        epochs=1,
-        batch_size=8,
-        lam=0.0,
-        gate_lr=0.1,
-        decide_at=1.0,
-        workers=0,
-        max_steps_per_epoch=steps,
-        device="cpu",
-    )
-    torch.manual_seed(0)
-    trainer = _trainer(gated10, config, steps)
-    learned: list[float] = []
-    real_decide = trainer.decide
-    trainer.decide = lambda: (learned.append(trainer.decision_fraction()), real_decide())  # type: ignore[method-assign]
-    trainer.train_one_epoch(_builtin(8).train)
-    assert learned and learned[0] > 0.8
+    _, learned, _ = _learn_gates(gated10, lam=0.0)
+    assert learned > 0.8
 
 
 def test_decide_at_fixes_decisions_within_the_budget(gated10: Path) -> None:
     config = FinetuneConfig(
-        target_macs=0.5, epochs=2, batch_size=8, workers=0, max_steps_per_epoch=4, device="cpu", decide_at=0.5
+        target_macs=0.5,
+        epochs=2,
+        batch_size=8,
+        workers=0,
+        max_steps_per_epoch=4,
+        device="cpu",
+        decide_at=0.5,
+        distill=0.0,
     )
     torch.manual_seed(0)
     trainer = _trainer(gated10, config, steps=4)
@@ -147,18 +151,18 @@ def test_decide_at_fixes_decisions_within_the_budget(gated10: Path) -> None:
     trainer.decide = lambda: (decided_at.append(trainer.step), real_decide())  # type: ignore[method-assign]
     loaders = _builtin(8)
     val = DataLoader(Subset(loaders.val.dataset, range(16)), batch_size=16)
-    saved: list[tuple[int, bool]] = []
+    saved: list[tuple[int, int]] = []
     modes: list[tuple[int, bool]] = []
-    history = finetune(
+    history = run_epochs(
         trainer,
         loaders.train,
         val,
-        save=lambda tr, m, interrupted: saved.append((m.epoch, interrupted)),
-        on_step=lambda s: modes.append((trainer.step, trainer.bank.training)),
+        on_epoch_end=lambda tr, m: saved.append((m.epoch, tr.epoch) if tr is trainer else (-1, -1)),
+        on_step=lambda s: modes.append((trainer.step, trainer.bank.sampling)),
     )
 
     assert decided_at == [4]
-    assert saved == [(1, False), (2, False)]
+    assert saved == [(1, 1), (2, 2)]  # after each epoch, once it is counted
     assert [m.epoch for m in history] == [1, 2] and all(m.decided for m in history)
     frozen = trainer.bank.logits.detach().clone()
     assert set(frozen[:, 1].unique().tolist()) <= {-5.0, 5.0}  # decided logits, untouched afterwards
@@ -185,16 +189,98 @@ def test_finetune_config_validation() -> None:
             FinetuneConfig(**({"target_macs": 0.5} | bad))
 
 
+# -- the decision point and the trainer's parameter groups ------------------------------------------
+
+
+def _train_twice(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model.train()
+    with torch.no_grad():
+        return model(x), model(x)
+
+
+def test_train_mode_after_the_decision_does_not_sample(gated10: Path, tmp_path: Path) -> None:
+    """Once decided, `model.train()` (a user's, DDP's, BatchNorm recalibration's) keeps the fixed
+    decisions: no Gumbel samples, in memory and after a checkpoint round trip."""
+    config = tiny_config(distill=0.0)
+    trainer = _trainer(gated10, config, steps=2)
+    model, bank = trainer.model, trainer.bank
+    spec = load_checkpoint(gated10).spec
+    x = spec.example_input(4)
+
+    torch.manual_seed(0)
+    assert bank.training is False and not bank.is_decided
+    first, second = _train_twice(model, x)
+    assert bank.sampling and not torch.equal(first, second)  # before the decision train mode samples
+
+    trainer.decide()
+    assert trainer.decided and bank.is_decided
+    decisions = bank.decisions()
+    assert 0 < int(decisions.sum()) < bank.num_gates  # the projection closed some gates, not all
+    first, second = _train_twice(model, x)
+    assert bank.training and not bank.sampling
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert torch.equal(bank.gate_values(4), decisions.float().unsqueeze(0))
+
+    ckpt = load_checkpoint(gated10)
+    path = tmp_path / "decided.pt"
+    save_checkpoint(Checkpoint(ckpt.spec, model, ckpt.graph, "finetuned"), path)
+    assert bool(read_checkpoint_data(path)["state_dict"]["prunekit_gates.decided"])
+    loaded = load_checkpoint(path)
+    assert loaded.gates is not None and loaded.gates.is_decided
+    again, again2 = _train_twice(loaded.model, x)
+    assert loaded.gates.training and not loaded.gates.sampling
+    torch.testing.assert_close(again, again2, rtol=0, atol=0)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert torch.equal(loaded.gates.gate_values(4), decisions.float().unsqueeze(0))
+
+
+class _Wrapper(nn.Module):
+    """Holds the gated model as `module`, as DDP does: every parameter name gains a `module.` prefix."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def _param_ids(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [id(p) for group in optimizer.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
+def test_trainer_selects_gate_parameters_by_identity(gated10: Path, wrapped: bool) -> None:
+    config = tiny_config(distill=0.0)
+    session = _session(gated10, config, steps=2)
+    trainer = session.trainer
+    bank = trainer.bank
+    if wrapped:
+        model = _Wrapper(trainer.model)
+        names = [n for n, _ in model.named_parameters()]
+        assert "module.prunekit_gates.logits" in names
+        assert not any(n.startswith("prunekit_gates.") for n in names)  # a name filter would miss them
+        trainer = Trainer(model, bank, trainer.mac_model, session.budget, config, 2, session.runtime)
+    gate_ids = [id(p) for p in bank.parameters()]
+    assert gate_ids and id(bank.logits) in gate_ids
+    sgd, adam = _param_ids(trainer.opt), _param_ids(trainer.gate_opt)
+    assert isinstance(trainer.opt, torch.optim.SGD) and isinstance(trainer.gate_opt, torch.optim.Adam)
+    assert not set(sgd) & set(gate_ids)  # no gate logit in the weights' optimiser
+    assert sorted(adam) == sorted(gate_ids)  # the Adam one holds exactly the bank's parameters
+    weights = [id(p) for p in trainer.model.parameters() if id(p) not in set(gate_ids)]
+    assert sorted(sgd) == sorted(weights)  # ... and every weight is trained
+
+
 # -- reproducibility --------------------------------------------------------------------------------
 
 
 def _run(tiny: tuple[Path, Path], out: Path, **overrides: object) -> tuple[dict, torch.Tensor, torch.Tensor]:
     gated, data = tiny
-    result = finetune_stage(gated, str(data), out, tiny_config(**overrides))
+    result = finetune_stage(gated, str(data), out, tiny_config(**overrides)).to_dict()
     ckpt = load_checkpoint(out)
     assert ckpt.gates is not None
     with torch.no_grad():
-        logits = ckpt.model(example_batch(ckpt.spec, 2))
+        logits = ckpt.model(ckpt.spec.example_input(2))
     return result, ckpt.gates.logits.detach().clone(), logits
 
 
@@ -232,7 +318,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         return loss * float("nan") if state["blow"] and training else loss
 
     monkeypatch.setattr(Trainer, "train_one_epoch", epoch)
-    monkeypatch.setattr(finetune_mod.F, "cross_entropy", ce)
+    monkeypatch.setattr(trainer_mod.F, "cross_entropy", ce)
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step 1.*lower --lr") as err:
         finetune_stage(gated, str(data), out, tiny_config(epochs=2))
     assert "\n" not in str(err.value)
@@ -336,8 +422,6 @@ def test_interrupt_then_resume(
     assert torch.equal(seen["adam"], saved_adam)
     assert seen["lr"][0] < 0.01  # the cosine schedule continued, not restarted
 
-    import json
-
     doc = json.loads(resumed.stdout)
     assert [h["epoch"] for h in doc["history"]] == [1, 2]
     final = load_checkpoint(out)
@@ -379,15 +463,41 @@ def test_resume_without_checkpoint(tiny: tuple[Path, Path], tmp_path: Path) -> N
     )
     assert result.exit_code == 2
     assert (
-        result.stderr.startswith("error: --resume: no checkpoint to resume")
-        and result.stderr.count("\n") == 1
+        result.stderr.startswith("error: resume: no checkpoint to resume") and result.stderr.count("\n") == 1
+    )
+
+
+def test_resumed_config_refuses_a_changed_lr() -> None:
+    saved = tiny_config(epochs=3)
+    with pytest.raises(ConfigError, match=r"\blr\b") as err:
+        resumed_config(saved, {"lr": 0.5}, epochs_done=1)
+    assert "\n" not in str(err.value) and "0.5" in str(err.value)
+
+
+def test_resumed_config_epochs_must_grow() -> None:
+    saved = tiny_config(epochs=3)
+    longer = resumed_config(saved, {"epochs": 5}, epochs_done=2)
+    assert longer.epochs == 5
+    assert longer == FinetuneConfig(**(saved.to_dict() | {"epochs": 5}))  # nothing else changed
+    for epochs in (2, 1):  # not above the 2 epochs done
+        with pytest.raises(ConfigError, match="epochs") as err:
+            resumed_config(saved, {"epochs": epochs}, epochs_done=2)
+        assert "\n" not in str(err.value)
+
+
+def test_resumed_config_accepts_the_saved_values() -> None:
+    saved = tiny_config(epochs=3)
+    assert resumed_config(saved, {"lr": saved.lr, "epochs": saved.epochs, "seed": saved.seed}, 2) == saved
+    assert resumed_config(saved, {"lr": None, "batch_size": None}, 2) == saved  # options not given
+    assert resumed_config(saved, {"workers": 3, "device": "cpu"}, 2) == FinetuneConfig(
+        **(saved.to_dict() | {"workers": 3})
     )
 
 
 def test_best_checkpoint_is_within_budget(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     gated, data = tiny
     out = tmp_path / "tuned.pt"
-    result = finetune_stage(gated, str(data), out, tiny_config(epochs=2))
+    result = finetune_stage(gated, str(data), out, tiny_config(epochs=2)).to_dict()
     assert result["best"] == str(best_path(out))
     best = load_checkpoint(best_path(out))
     rows = [h for h in best.history if h["within_budget"] and h["decided"]]

@@ -26,7 +26,7 @@ from prunekit.measure import count_macs
 from prunekit.models import build_model
 from prunekit.objective import MacModel, activation_loss, target_to_budget
 from prunekit.plan import plan_from_units
-from prunekit.slim import slim_
+from prunekit.surgery import slim_
 
 
 def _model_graph(arch: str, size: int) -> tuple[nn.Module, ChannelGraph, torch.Tensor]:
@@ -128,7 +128,48 @@ def test_fixed_gates_are_always_on(r18) -> None:
     assert (sampled[:, ~fixed] == 0).all()
     assert torch.equal(bank.decisions(), fixed)
     assert torch.equal(bank.eval().gate_values(1)[0], fixed.float())
-    assert torch.equal(bank.probabilities()[fixed], torch.ones(int(fixed.sum())))
+    # P(on) per gate at temperature 1 (fixed gates: 1), from the logits: the sampled frequencies follow it
+    p_on = torch.where(fixed, 1.0, torch.softmax(bank.logits.detach(), dim=-1)[:, 1])
+    assert torch.equal(p_on[fixed], torch.ones(int(fixed.sum())))
+    assert float(p_on[~fixed].max()) < 1e-6
+    torch.testing.assert_close(sampled.mean(0), p_on, rtol=0, atol=1e-6)
+
+
+def test_fixed_decisions_survive_train_mode(r18) -> None:
+    """After `fix_` the bank gives its decisions in train mode too: `model.train()` never turns the
+    Gumbel sampling back on, and the decided flag travels in the state_dict."""
+    model, graph, x = r18
+    model = copy.deepcopy(model)
+    bank = GateBank(make_layout(graph, GateConfig()), GateConfig())
+    with torch.no_grad():
+        bank.logits.zero_()  # P(on) = 0.5: sampling would show
+    insert_gates_(model, graph, bank)
+    model.train()
+    torch.manual_seed(0)
+    assert bank.sampling and not bank.is_decided
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # sampled gates before the decision
+
+    states = torch.rand(bank.num_gates, generator=torch.Generator().manual_seed(0)) < 0.5
+    bank.fix_(states)
+    model.train()
+    expected = states | bank.fixed_on
+    assert bank.training and bank.is_decided and not bank.sampling
+    assert torch.equal(bank.decisions(), expected) and 0 < int(expected.sum()) < bank.num_gates
+    assert torch.equal(bank.gate_values(4), expected.float().unsqueeze(0))
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+    state = model.state_dict()
+    assert bool(state[f"{GATES_ATTR}.decided"])
+    fresh = GateBank(make_layout(graph, GateConfig()), GateConfig())
+    fresh.load_state_dict(
+        {k.removeprefix(f"{GATES_ATTR}."): v for k, v in state.items() if k.startswith(GATES_ATTR)}
+    )
+    fresh.train()
+    assert fresh.is_decided and not fresh.sampling
+    assert torch.equal(fresh.gate_values(4), expected.float().unsqueeze(0))
 
 
 # -- expected MACs ----------------------------------------------------------------------------------
@@ -143,7 +184,7 @@ def test_mac_model_all_open_matches_fvcore(fixture: str, request: pytest.Fixture
     model, graph, x = request.getfixturevalue(fixture)
     mac_model = MacModel(graph)
     gateable = float(mac_model(torch.ones(3, graph.num_units))[0])
-    assert gateable == pytest.approx(mac_model.full)
+    assert gateable == pytest.approx(mac_model.gateable_macs)
     fvcore = count_macs(model, x[:1]).total_macs
     assert gateable + _ungateable(graph) == pytest.approx(fvcore, rel=0.01)
     assert gateable > 0.5 * fvcore  # most of the model is gateable
@@ -170,7 +211,7 @@ def test_mac_model_is_bilinear_in_adjacent_groups(r18) -> None:
     mac_model = MacModel(graph)
     half = float(mac_model(torch.full((1, graph.num_units), 0.5))[0])
     dense = sum(t.macs() for t in graph.mac_terms if t.kind == "bilinear" and t.prunable)
-    assert half < 0.5 * mac_model.full  # quadratic terms fall faster than linearly
+    assert half < 0.5 * mac_model.gateable_macs  # quadratic terms fall faster than linearly
     assert half >= 0.25 * dense * 0.99
 
 
@@ -178,7 +219,7 @@ def test_mac_model_gradient_reaches_units(r18) -> None:
     _, graph, _ = r18
     mac_model = MacModel(graph)
     a = torch.ones(2, graph.num_units, requires_grad=True)
-    b = mac_model(a) / mac_model.full
+    b = mac_model(a) / mac_model.gateable_macs
     activation_loss(b, 0.5).backward()
     assert a.grad is not None and (a.grad > 0).float().mean() > 0.9  # lowering any unit lowers the loss
 
@@ -205,14 +246,14 @@ def test_target_to_budget_math() -> None:
 
 @pytest.mark.parametrize("target", [0.0, 1.0, 1.5, -0.2])
 def test_target_out_of_range(target: float) -> None:
-    with pytest.raises(ConfigError, match=r"--target-macs must be between 0 and 1") as err:
+    with pytest.raises(ConfigError, match=r"target_macs must be between 0 and 1") as err:
         target_to_budget(target, 100.0, 80.0, 0.1)
     assert "\n" not in str(err.value)
 
 
 def test_target_out_of_reach_names_the_minimum() -> None:
     # fixed 20 + 0.1 * 80 = 28 of 100: 0.25 cannot be reached
-    with pytest.raises(ConfigError, match=r"out of reach.*at least 0\.280.*--min-keep") as err:
+    with pytest.raises(ConfigError, match=r"out of reach.*at least 0\.280.*min_keep") as err:
         target_to_budget(0.25, 100.0, 80.0, 0.1)
     assert "\n" not in str(err.value)
     assert target_to_budget(0.29, 100.0, 80.0, 0.1).t == pytest.approx(0.1125)

@@ -22,10 +22,10 @@ from torchvision.ops.misc import SqueezeExcitation
 
 from prunekit.errors import ConfigError
 from prunekit.graph import ChannelGraph, ChannelGroup, ModuleSlice, analyze
+from prunekit.masking import masked
 from prunekit.measure import count_macs, count_params
 from prunekit.models import build_model, last_linear
 from prunekit.plan import ChannelPlan, fraction_plan, full_plan, random_plan, round_units
-from prunekit.masking import masked
 from prunekit.surgery import slim_
 
 RTOL = 1e-4  # max |slim - masked| <= RTOL * max |masked|

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ from prunekit.models import (
     IMAGENET_MEAN,
     build_model,
     default_input_size,
-    resolve_source,
     hub_cache_file,
     load_model,
+    resolve_source,
 )
 
 R18_V1 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1

@@ -20,15 +20,15 @@ from conftest import make_image_folder
 from typer.testing import CliRunner
 
 import prunekit
-from prunekit.checkpoint import example_batch, load_checkpoint
+from prunekit.checkpoint import load_checkpoint
 from prunekit.cli import app
 from prunekit.config import load_run_config
 from prunekit.data import resolve_data
-from prunekit.finetune import evaluate
 from prunekit.gates import remove_gates_
+from prunekit.masking import masked
 from prunekit.measure import count_macs
 from prunekit.plan import ChannelPlan, random_plan
-from prunekit.slim import masked
+from prunekit.trainer import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -69,10 +69,10 @@ def data3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """gate -> finetune -> slim --export onnx on resnet18 @ 32 px with the built-in data, a few steps."""
+    """gate -> finetune -> slim --export onnx on resnet18 @ 3x32x32 with the built-in data, a few steps."""
     d = tmp_path_factory.mktemp("e2e")
     gate = prunekit_cli(
-        "gate", "resnet18", "--num-classes", "10", "--input-size", "32", "-o", "gated.pt", "--json", cwd=d
+        "gate", "resnet18", "--num-classes", "10", "--input-shape", "32", "-o", "gated.pt", "--json", cwd=d
     )
     tune = prunekit_cli(
         "finetune",
@@ -104,6 +104,7 @@ def test_e2e_exit_codes_and_json(e2e: dict[str, Any]) -> None:
     d = e2e["dir"]
     gate, tune, slim = (ok_json(e2e[k]) for k in ("gate", "finetune", "slim"))
     assert gate["arch"] == "resnet18" and gate["output"] == "gated.pt"
+    assert gate["input_shape"] == [3, 32, 32]  # `--input-shape 32` means 3 x 32 x 32
     assert gate["macs"] == 37_016_576  # fvcore, resnet18 with 10 classes at 32 px
     assert tune["output"] == "tuned.pt" and len(tune["history"]) == 1
     assert slim["checkpoint"] == "slim.pt" and slim["onnx"]["path"] == "slim.onnx"
@@ -126,11 +127,8 @@ def test_e2e_macs(e2e: dict[str, Any]) -> None:
     assert slim["slim"]["macs"] == pytest.approx(tune["expected_macs"], rel=0.01)
     assert tune["final"]["macs_fraction"] <= 0.5 + 1e-9
     assert slim["macs_ratio"] == pytest.approx(0.5, abs=0.05)
-    model = load_checkpoint(e2e["dir"] / "slim.pt").model
-    assert (
-        count_macs(model, example_batch(load_checkpoint(e2e["dir"] / "slim.pt").spec)).total_macs
-        == slim["slim"]["macs"]
-    )
+    ckpt = load_checkpoint(e2e["dir"] / "slim.pt")
+    assert count_macs(ckpt.model, ckpt.spec.example_input()).total_macs == slim["slim"]["macs"]
 
 
 def test_e2e_onnx_matches_the_slim_checkpoint(e2e: dict[str, Any]) -> None:
@@ -247,7 +245,7 @@ def tiny_run_config(path: Path, data: Path, **slim: Any) -> Path:
 
 def test_example_config_parses() -> None:
     cfg = load_run_config(EXAMPLES / "run.toml")
-    assert (cfg.model.arch, cfg.model.num_classes, cfg.model.input_size) == ("resnet18", 10, 32)
+    assert (cfg.model.source, cfg.model.num_classes, cfg.model.input_shape) == ("resnet18", 10, (3, 32, 32))
     assert cfg.data == "builtin" and 0 < cfg.finetune.target_macs < 1
     assert cfg.slim.export == "onnx"
     text = (EXAMPLES / "run.toml").read_text()
@@ -333,11 +331,12 @@ def test_example_workflow() -> None:
     text = (EXAMPLES / "github-actions.yml").read_text()
     for needle in ("pip install -c constraints.txt -e .", "examples/ci.sh", "actions/upload-artifact"):
         assert needle in text
-    try:
-        import yaml  # type: ignore[import-untyped]
-    except ImportError:
-        return
-    workflow = yaml.safe_load(text)
+    assert "jobs:" in text.splitlines()  # a top-level `jobs` key (parsed for real below, with PyYAML)
+
+
+def test_example_workflow_is_valid_yaml() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML (not a prunekit dependency) parses the workflow")
+    workflow = yaml.safe_load((EXAMPLES / "github-actions.yml").read_text())
     assert "jobs" in workflow
 
 
@@ -356,9 +355,15 @@ def test_run_writes_every_file_and_a_faithful_report(data10: Path, tmp_path: Pat
 
     # the numbers are those of the files
     slim = load_checkpoint(out / "model.pt")
-    assert count_macs(slim.model, example_batch(slim.spec)).total_macs == s["macs_after"]
+    assert slim.spec.input_shape == (3, 32, 32)
+    assert count_macs(slim.model, slim.spec.example_input()).total_macs == s["macs_after"]
     loaders = resolve_data(
-        str(data10), input_size=32, mean=slim.spec.mean, std=slim.spec.std, batch_size=64, train_augment=False
+        str(data10),
+        input_shape=(3, 32, 32),
+        mean=slim.spec.mean,
+        std=slim.spec.std,
+        batch_size=64,
+        train_augment=False,
     )
     assert evaluate(slim.model, loaders.val, torch.device("cpu"))[0] == pytest.approx(s["accuracy_after"])
     plain = load_checkpoint(out / "gated.pt").model
@@ -397,6 +402,24 @@ def assert_user_error(result: Any, *fragments: str) -> str:
     return result.stderr
 
 
+def assert_usage_error(result: Any, *fragments: str) -> str:
+    """What Click does with a value it rejects itself (an Enum choice): exit code 2, nothing on stdout,
+    a usage line and the message (in a box) on stderr, no traceback."""
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert result.stderr.startswith("Usage: "), result.stderr
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.replace("│", " ").split())  # the box wraps long messages
+    assert "Invalid value for '--" in message, result.stderr
+    for fragment in fragments:
+        assert fragment in message, result.stderr
+    return message
+
+
+# the cases that Click rejects before a prunekit command runs (usage errors, not one-line errors)
+USAGE_ERRORS = {"slim-bad-export"}
+
+
 def _bad_cases(e2e: dict[str, Any], data3: Path, tmp: Path) -> dict[str, tuple[list[str], list[str], str]]:
     """name -> (argv, outputs that must not appear or change, expected message fragment)."""
     d = e2e["dir"]
@@ -432,20 +455,20 @@ def _bad_cases(e2e: dict[str, Any], data3: Path, tmp: Path) -> dict[str, tuple[l
             ["out.pt"],
             "the plan does not fit this model",
         ),
-        "slim-bad-export": (
+        "slim-bad-export": (  # a Click usage error now (--export is an Enum): see USAGE_ERRORS
             ["slim", str(d / "tuned.pt"), "--export", "tflite", "-o", "out.pt"],
             ["out.pt"],
-            "--export must be onnx or none",
+            "'tflite' is not one of 'onnx', 'none'",
         ),
         "target-too-high": (
             [*ft, "--data", "builtin", "--target-macs", "1.5", "-o", "t.pt"],
             ["t.pt"],
-            "--target-macs must be between 0 and 1",
+            "target_macs must be between 0 and 1, got 1.5",
         ),
         "target-zero": (
             [*ft, "--data", "builtin", "--target-macs", "0", "-o", "t.pt"],
             ["t.pt"],
-            "--target-macs must be between 0 and 1, got 0.0",
+            "target_macs must be between 0 and 1, got 0.0",
         ),
         "target-missing": (
             [*ft, "--data", "builtin", "-o", "t.pt"],
@@ -469,14 +492,14 @@ def _bad_cases(e2e: dict[str, Any], data3: Path, tmp: Path) -> dict[str, tuple[l
         ),
         "gate-unknown-model": (["gate", "resnet9000", "-o", "g.pt"], ["g.pt"], "unknown model 'resnet9000'"),
         "gate-input-too-small": (
-            ["gate", "alexnet", "--input-size", "16", "-o", "g.pt"],
+            ["gate", "alexnet", "--input-shape", "16", "-o", "g.pt"],
             ["g.pt"],
-            "alexnet does not run on 16x16 inputs",
+            "alexnet does not run on 3x16x16 inputs",
         ),
         "analyze-input-too-small": (
-            ["analyze", "alexnet", "--input-size", "16", "--json"],
+            ["analyze", "alexnet", "--input-shape", "16", "--json"],
             [],
-            "alexnet does not run on 16x16 inputs",
+            "alexnet does not run on 3x16x16 inputs",
         ),
         "run-malformed-toml": (
             ["run", str(malformed), "--out-dir", "rundir"],
@@ -533,7 +556,7 @@ def test_bad_input(
                 (work / name).write_bytes(b"previous contents")
     before = {p.name: p.read_bytes() for p in work.iterdir()}
     result = CliRunner().invoke(app, argv)
-    assert_user_error(result, fragment)
+    (assert_usage_error if case in USAGE_ERRORS else assert_user_error)(result, fragment)
     assert {p.name: p.read_bytes() for p in work.iterdir()} == before  # nothing new, nothing changed
 
 
