@@ -21,9 +21,10 @@ affected channels are frozen instead.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import AnalysisError
+from prunekit.modes import training_flags
 
 # Large parameters get a single frozen atom instead of one per element (memory).
 _MAX_PARAM_ATOMS = 1 << 20
@@ -884,20 +886,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
             ) from exc
 
 
-class _eval_mode:
-    """Put every submodule in eval mode for the duration; restore each one's flag afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.flags: dict[nn.Module, bool] = {}
-
-    def __enter__(self) -> None:
-        self.flags = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags.items():
-            m.training = flag
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the duration; each one's own flag restored afterwards."""
+    with training_flags(model):
+        model.eval()
+        yield
 
 
 def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:

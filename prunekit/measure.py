@@ -307,7 +307,7 @@ def _concrete_input_dims(model: Any, input_size: int | None) -> list[tuple[Any, 
             elif axis == 1:
                 raise ExportError(f"input {value.name!r} of the ONNX file has a symbolic channel dimension")
             elif input_size is None:
-                raise ConfigError(f"input {value.name!r} has symbolic spatial dimensions: pass --input-size")
+                raise ConfigError(f"input {value.name!r} has symbolic spatial dimensions: pass --input-shape")
             else:
                 dims.append(input_size)
         result.append((value, dims))

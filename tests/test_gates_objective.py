@@ -213,6 +213,14 @@ def test_mac_model_is_bilinear_in_adjacent_groups(r18) -> None:
     dense = sum(t.macs() for t in graph.mac_terms if t.kind == "bilinear" and t.prunable)
     assert half < 0.5 * mac_model.gateable_macs  # quadratic terms fall faster than linearly
     assert half >= 0.25 * dense * 0.99
+    # exactly: the vectorised model equals the per-term formula (n_in * n_out * factor, or n * factor)
+    activity = torch.rand(3, graph.num_units, generator=torch.Generator().manual_seed(0))
+    for row in range(3):
+        expected = sum(t.macs(lambda u, r=row: float(activity[r, u])) for t in graph.mac_terms if t.prunable)
+        assert float(mac_model(activity)[row]) == pytest.approx(expected, rel=1e-5)
+    assert float(mac_model(torch.full((1, graph.num_units), 0.5))[0]) == pytest.approx(
+        sum(t.macs(lambda u: 0.5) for t in graph.mac_terms if t.prunable), rel=1e-6
+    )
 
 
 def test_mac_model_gradient_reaches_units(r18) -> None:

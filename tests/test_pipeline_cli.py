@@ -216,6 +216,37 @@ def test_slim_gated_checkpoint_by_a_random_plan(e2e: dict[str, Any], tmp_path: P
         assert not torch.allclose(plain(x), reference, atol=1e-3)  # the plan really removed something
 
 
+def test_slim_with_latency_and_data(e2e: dict[str, Any], tmp_path: Path) -> None:
+    """--latency times the original and the slim export side by side; --data measures accuracy on the
+    data the baseline was measured on, so the original accuracy stands beside the slim one."""
+    result = CliRunner().invoke(
+        app,
+        ["slim", str(e2e["dir"] / "tuned.pt"), "-o", str(tmp_path / "m.onnx"), "--latency", "--threads", "1"]
+        + ["--data", "builtin", "--json"],
+    )
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    lat = doc["latency"]
+    assert lat["threads"] == 1 and lat["batch"] == 1 and lat["original_ms"] > 0 and lat["slim_ms"] > 0
+    assert lat["ratio"] == pytest.approx(lat["slim_ms"] / lat["original_ms"])
+    assert lat["speedup"] == pytest.approx(1 / lat["ratio"])
+    baseline = json.loads(e2e["finetune"].stdout)["baseline_val_acc"]
+    assert doc["accuracy"]["original"] == baseline and 0.0 <= doc["accuracy"]["slim"] <= 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt"]
+
+
+def test_analyze_happy_path() -> None:
+    result = CliRunner().invoke(app, ["analyze", "resnet18", "--input-shape", "32", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["model"] == "resnet18" and doc["macs"] > 0
+    assert doc["prunable_fraction"] == pytest.approx(1.0)  # every MAC of a ResNet depends on prunable groups
+    assert len(doc["groups"]) == 12
+    table = CliRunner().invoke(app, ["analyze", "resnet18", "--input-shape", "32"])
+    assert table.exit_code == 0 and "12 coupled channel groups" in table.stdout
+    assert "100.0% depend on prunable channels" in table.stdout
+
+
 # -- prunekit run -----------------------------------------------------------------------------------
 
 
