@@ -29,7 +29,7 @@ from prunekit.graph import analyze
 from prunekit.measure import count_macs
 from prunekit.models import build_model
 from prunekit.onnxrt import cpu_session
-from prunekit.plan import magnitude_scores, plan_from_scores
+from prunekit.plan import Rounding, magnitude_scores, plan_from_scores
 from prunekit.surgery import slim_
 
 
@@ -44,7 +44,7 @@ def plan_for_target(model, graph, target: float, round_to: int, kind: str):  # n
             g.units if kind == "internal" and len(g.producers) > 1 else max(1, round(g.units * fraction))
             for g in graph.groups
         ]
-        return plan_from_scores(graph, scores, counts, round_to=round_to)
+        return plan_from_scores(graph, scores, counts, Rounding(round_to=round_to))
 
     lo, hi = 0.02, 1.0
     for _ in range(20):

@@ -119,10 +119,29 @@ def _plan(graph: ChannelGraph, keep: Sequence[Sequence[int]]) -> ChannelPlan:
     )
 
 
-def round_units(group: ChannelGroup, wanted: int, *, round_to: int = 8, min_channels: int = 8) -> int:
+@dataclass(frozen=True)
+class Rounding:
+    """How plan makers round widths: to multiples of `round_to` channels (hardware-friendly widths) and
+    never below `min_channels` channels. One value for every plan maker, as Torch-Pruning's `round_to`."""
+
+    round_to: int = 8
+    min_channels: int = 8
+
+    def __post_init__(self) -> None:
+        if self.round_to < 1 or self.min_channels < 1:
+            raise ConfigError(
+                f"round_to and min_channels must be >= 1, got {self.round_to}, {self.min_channels}"
+            )
+
+
+NO_ROUNDING = Rounding(1, 1)
+
+
+def round_units(group: ChannelGroup, wanted: int, rounding: Rounding = Rounding()) -> int:
     """Units to keep: `wanted` rounded to the nearest multiple of `round_to` channels where the group is
     large enough (or to the whole group, the original width, when that is nearer), at least `min_channels`
     channels (or the whole group if smaller), at least one unit."""
+    round_to, min_channels = rounding.round_to, rounding.min_channels
     width = group.unit_width
     step = max(1, math.ceil(round_to / width)) if group.units * width >= 2 * round_to else 1
     floor_units = min(group.units, max(1, math.ceil(min_channels / width)))
@@ -142,16 +161,14 @@ def plan_from_scores(
     graph: ChannelGraph,
     scores: Sequence[float],
     counts: Sequence[int],
-    *,
-    round_to: int = 8,
-    min_channels: int = 8,
+    rounding: Rounding = Rounding(),
 ) -> ChannelPlan:
     """Keep, in each group, its `counts[g]` (after rounding) highest-scoring units."""
     if len(scores) != graph.num_units:
         raise ConfigError(f"{len(scores)} scores for {graph.num_units} units")
     keep = []
     for group, wanted in zip(graph.groups, counts, strict=True):
-        n = round_units(group, wanted, round_to=round_to, min_channels=min_channels)
+        n = round_units(group, wanted, rounding)
         local = sorted(range(group.units), key=lambda k: (-scores[group.offset + k], k))
         keep.append(local[:n])
     return _plan(graph, keep)
@@ -161,25 +178,23 @@ def fraction_plan(
     graph: ChannelGraph,
     fraction: float,
     scores: Sequence[float] | None = None,
-    *,
-    round_to: int = 8,
-    min_channels: int = 8,
+    rounding: Rounding = Rounding(),
 ) -> ChannelPlan:
     """Keep about `fraction` of every group, the highest-scoring units first (default: the first ones)."""
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"keep fraction must be in (0, 1], got {fraction}")
     scores = scores if scores is not None else [-float(u) for u in range(graph.num_units)]
     counts = [max(1, round(g.units * fraction)) for g in graph.groups]
-    return plan_from_scores(graph, scores, counts, round_to=round_to, min_channels=min_channels)
+    return plan_from_scores(graph, scores, counts, rounding)
 
 
 def random_plan(
-    graph: ChannelGraph, fraction: float, seed: int = 0, *, round_to: int = 8, min_channels: int = 8
+    graph: ChannelGraph, fraction: float, seed: int = 0, rounding: Rounding = Rounding()
 ) -> ChannelPlan:
     """Keep about `fraction` of every group, chosen at random (tests and baselines)."""
     rng = random.Random(seed)
     scores = [rng.random() for _ in range(graph.num_units)]
-    return fraction_plan(graph, fraction, scores, round_to=round_to, min_channels=min_channels)
+    return fraction_plan(graph, fraction, scores, rounding)
 
 
 def magnitude_scores(model: nn.Module, graph: ChannelGraph) -> list[float]:
@@ -213,12 +228,10 @@ def magnitude_scores(model: nn.Module, graph: ChannelGraph) -> list[float]:
 
 
 def magnitude_plan(
-    model: nn.Module, graph: ChannelGraph, fraction: float, *, round_to: int = 8, min_channels: int = 8
+    model: nn.Module, graph: ChannelGraph, fraction: float, rounding: Rounding = Rounding()
 ) -> ChannelPlan:
     """Keep about `fraction` of every group, largest magnitude first (a baseline to compare with)."""
-    return fraction_plan(
-        graph, fraction, magnitude_scores(model, graph), round_to=round_to, min_channels=min_channels
-    )
+    return fraction_plan(graph, fraction, magnitude_scores(model, graph), rounding)
 
 
 def group_widths(graph: ChannelGraph, plan: ChannelPlan | None) -> list[dict[str, Any]]:
@@ -247,7 +260,9 @@ def plan_from_units(graph: ChannelGraph, keep: Sequence[bool]) -> ChannelPlan:
 
 
 __all__ = [
+    "NO_ROUNDING",
     "ChannelPlan",
+    "Rounding",
     "fraction_plan",
     "full_plan",
     "group_widths",

@@ -25,7 +25,15 @@ from prunekit.graph import ChannelGraph, ChannelGroup, ModuleSlice, analyze
 from prunekit.masking import masked
 from prunekit.measure import count_macs, count_params
 from prunekit.models import build_model, last_linear
-from prunekit.plan import ChannelPlan, fraction_plan, full_plan, random_plan, round_units
+from prunekit.plan import (
+    NO_ROUNDING,
+    ChannelPlan,
+    Rounding,
+    fraction_plan,
+    full_plan,
+    random_plan,
+    round_units,
+)
 from prunekit.surgery import slim_
 
 RTOL = 1e-4  # max |slim - masked| <= RTOL * max |masked|
@@ -264,7 +272,7 @@ def test_ops_without_a_rule_freeze_their_channels_with_a_reason() -> None:
         ("conv7", 32, 1),
     ]
     for seed in range(3):
-        plan = random_plan(graph, KEEP, seed, round_to=1, min_channels=1)
+        plan = random_plan(graph, KEEP, seed, NO_ROUNDING)
         slim, _ = slim_and_compare(a, plan)
         assert count_macs(slim, a.x[:1]).total_macs == graph.macs(plan.unit_mask(graph))
 
@@ -311,7 +319,7 @@ def test_hardtanh_away_from_zero_is_not_treated_as_zero_preserving() -> None:
     assert [g.name for g in a.graph.groups] == ["conv1", "conv3"]
     assert "act1" in {p.module for p in a.graph.mask_points}
     for seed in range(3):
-        slim_and_compare(a, random_plan(a.graph, KEEP, seed, round_to=1, min_channels=1))
+        slim_and_compare(a, random_plan(a.graph, KEEP, seed, NO_ROUNDING))
 
 
 # -- specific structures -------------------------------------------------------------------------------
@@ -498,9 +506,9 @@ def test_round_units_gives_multiples_of_8_channels(units: int, unit_width: int) 
 
 def test_round_units_minimum_width_and_small_groups() -> None:
     assert round_units(_group(64), 1) == 8
-    assert round_units(_group(64), 1, min_channels=24) == 24
+    assert round_units(_group(64), 1, Rounding(min_channels=24)) == 24
     assert round_units(_group(64), 30) == 32
-    assert round_units(_group(64), 30, round_to=1) == 30
+    assert round_units(_group(64), 30, Rounding(round_to=1)) == 30
     assert round_units(_group(12), 3) == 8  # too small to round to 8, still at least 8 channels
     assert round_units(_group(6), 1) == 6  # smaller than the minimum: kept whole
     assert round_units(_group(20), 19) == 20  # the whole group is nearer than 16
