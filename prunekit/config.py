@@ -200,6 +200,7 @@ class FinetuneConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bfloat16 autocast on CUDA
     max_steps_per_epoch: int | None = None  # cap (quick runs, tests)
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
 
     def __post_init__(self) -> None:
         _check(

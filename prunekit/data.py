@@ -49,6 +49,8 @@ def resolve_data(
     seed: int = 0,
     train_augment: bool = True,
     train_sampler: SamplerFactory | None = None,
+    val_sampler: SamplerFactory | None = None,
+    pin_memory: bool = False,
 ) -> DataLoaders:
     """`--data builtin` is the built-in example data; anything else is an ImageFolder root.
 
@@ -64,6 +66,8 @@ def resolve_data(
             seed=seed,
             train_augment=train_augment,
             train_sampler=train_sampler,
+            val_sampler=val_sampler,
+            pin_memory=pin_memory,
         )
     from prunekit.models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -78,6 +82,8 @@ def resolve_data(
         seed=seed,
         train_augment=train_augment,
         train_sampler=train_sampler,
+        val_sampler=val_sampler,
+        pin_memory=pin_memory,
     )
 
 
@@ -93,6 +99,8 @@ def image_folder_loaders(
     seed: int = 0,
     train_augment: bool = True,
     train_sampler: SamplerFactory | None = None,
+    val_sampler: SamplerFactory | None = None,
+    pin_memory: bool = False,
 ) -> DataLoaders:
     """Loaders for `root/train` + `root/val` (or `root/test`), or for one ImageFolder `root` split per
     class into train/val by `val_fraction` (seeded). Images are read as RGB (grayscale for 1 channel)."""
@@ -131,7 +139,7 @@ def image_folder_loaders(
             raise DataError(f"too few images in {folder} to hold out a validation split")
         classes = tuple(full_train.classes)
         train, val = Subset(full_train, train_idx), Subset(full_val, val_idx)
-    return _loaders(train, val, classes, batch_size, workers, seed, train_sampler)
+    return _loaders(train, val, classes, batch_size, workers, seed, train_sampler, val_sampler, pin_memory)
 
 
 def builtin_loaders(
@@ -144,6 +152,8 @@ def builtin_loaders(
     seed: int = 0,
     train_augment: bool = True,
     train_sampler: SamplerFactory | None = None,
+    val_sampler: SamplerFactory | None = None,
+    pin_memory: bool = False,
 ) -> DataLoaders:
     """The shipped Fashion-MNIST subset (6000 train / 1000 test, 10 classes; see prunekit/_data/README.md):
     grayscale (repeated to 3 channels for an RGB model), resized to `input_shape`, normalised with the
@@ -158,7 +168,7 @@ def builtin_loaders(
     train = ArrayImages(arrays["train_images"], arrays["train_labels"], train_tf)
     val = ArrayImages(arrays["test_images"], arrays["test_labels"], val_tf)
     classes = tuple(str(c) for c in arrays["classes"])
-    return _loaders(train, val, classes, batch_size, workers, seed, train_sampler)
+    return _loaders(train, val, classes, batch_size, workers, seed, train_sampler, val_sampler, pin_memory)
 
 
 class ArrayImages(Dataset):
@@ -258,6 +268,8 @@ def _loaders(
     workers: int,
     seed: int,
     train_sampler: SamplerFactory | None,
+    val_sampler: SamplerFactory | None = None,
+    pin_memory: bool = False,
 ) -> DataLoaders:
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": workers}
     if workers > 0:
@@ -270,7 +282,9 @@ def _loaders(
         order["sampler"] = train_sampler(train)
     return DataLoaders(
         train=DataLoader(train, **order, **common),
-        val=DataLoader(val, shuffle=False, **common),
+        val=DataLoader(
+            val, shuffle=False, sampler=None if val_sampler is None else val_sampler(val), **common
+        ),
         num_classes=len(classes),
         classes=classes,
     )

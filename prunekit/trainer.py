@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.config import FinetuneConfig
-from prunekit.errors import Interrupted, TrainingError
+from prunekit.errors import ConfigError, Interrupted, TrainingError
 from prunekit.gates import GateBank
 from prunekit.modes import training_flags
 from prunekit.objective import MacBudget, MacModel, activation_loss, target_to_budget
-from prunekit.runtime import Runtime
+from prunekit.runtime import Runtime, decisions_hash
 
 KD_TEMPERATURE = 2.0
 
@@ -101,6 +101,7 @@ class Trainer:
         self.amp = config.amp and runtime.amp_dtype is not None
         if bank.is_decided:  # a resumed run past its decision point
             bank.requires_grad_(False)
+        self.train_model = runtime.wrap(model)  # DistributedDataParallel under torchrun
 
     @property
     def decided(self) -> bool:
@@ -116,6 +117,7 @@ class Trainer:
             "gate_optimizer": self.gate_opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng": torch.get_rng_state(),
+            "rng_per_rank": self.runtime.gather(torch.get_rng_state()),  # a collective under torchrun
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -124,7 +126,14 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.gate_opt.load_state_dict(state["gate_optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"].cpu() if isinstance(state["rng"], torch.Tensor) else state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if len(per_rank) != self.runtime.world_size:
+            raise ConfigError(
+                f"the saved run used {len(per_rank)} process(es); resume it with the same number "
+                f"(this run has {self.runtime.world_size})"
+            )
+        rng = per_rank[self.runtime.rank]
+        torch.set_rng_state(rng.cpu() if isinstance(rng, torch.Tensor) else rng)
 
     # -- gates ----------------------------------------------------------------------------------
     def tau(self) -> float:
@@ -159,15 +168,25 @@ class Trainer:
                 lo = mid
             else:
                 hi = mid - 1
-        bank.fix_(decisions(lo))  # deterministic gates from here on, in train mode too
+        final = decisions(lo)
+        hashes = set(self.runtime.gather(decisions_hash(final)))
+        if len(hashes) > 1:  # the logits are kept in sync by the gradient all-reduce; never decide apart
+            raise TrainingError(f"the processes reached different gate decisions ({sorted(hashes)})")
+        bank.fix_(final)  # deterministic gates from here on, in train mode too
         bank.requires_grad_(False)  # the logits no longer take part: no gradient, no optimiser step
+        if self.runtime.distributed:  # DDP tracks the parameters that required gradients when it wrapped
+            self.train_model = None  # type: ignore[assignment]  # release the old wrapper's reducer first
+            self.train_model = self.runtime.wrap(self.model)
 
     # -- loops ----------------------------------------------------------------------------------
     def train_one_epoch(
         self, loader: Any, on_step: Callable[[dict[str, float]], None] | None = None
     ) -> dict[str, float]:
-        model, bank, cfg = self.model, self.bank, self.config
+        model, bank, cfg = self.train_model, self.bank, self.config
         model.train()
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new, shared order every epoch
+            sampler.set_epoch(self.epoch)
         sums = {"loss": 0.0, "ce": 0.0, "act": 0.0, "correct": 0.0, "n": 0.0}
         start = time.perf_counter()
         for i, (x, y) in enumerate(loader):
@@ -178,7 +197,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             bank.tau = self.tau()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = model(x)
+                logits = self.train_model(x)  # re-wrapped at the decision point
                 ce = F.cross_entropy(logits.float(), y)
                 loss = ce
                 if self.teacher is not None and cfg.distill > 0:
@@ -216,8 +235,10 @@ class Trainer:
                 )
         if not self.decided and self.step >= self.decide_step:
             self.decide()
-        n = max(1.0, sums["n"])
         seconds = time.perf_counter() - start
+        keys = list(sums)
+        sums = dict(zip(keys, self.runtime.sum([sums[k] for k in keys]), strict=True))  # over all processes
+        n = max(1.0, sums["n"])
         return {
             "loss": sums["loss"] / n,
             "ce": sums["ce"] / n,
@@ -230,9 +251,15 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Any, device: torch.device, max_batches: int | None = None
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    max_batches: int | None = None,
+    runtime: Runtime | None = None,
 ) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) in eval mode (deterministic gates)."""
+    """(top-1 accuracy, mean cross-entropy) in eval mode (deterministic gates). Under torchrun each
+    process evaluates its shard (a ShardSampler) and the counts are summed, so every example counts
+    exactly once."""
     correct = total = 0
     loss = 0.0
     with training_flags(model):
@@ -245,6 +272,8 @@ def evaluate(
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             total += y.shape[0]
+    if runtime is not None:
+        correct, total, loss = runtime.sum([correct, total, loss])
     return correct / max(1, total), loss / max(1, total)
 
 
@@ -318,7 +347,8 @@ def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: An
     stats = trainer.train_one_epoch(train_loader, on_step)
     if cfg.bn_recalibrate:
         recalibrate_batchnorm(trainer.model, train_loader, trainer.device, cfg.bn_recalibrate)
-    val_acc, val_loss = evaluate(trainer.model, val_loader, trainer.device)
+    trainer.runtime.broadcast_buffers(trainer.model)  # every process evaluates the model rank 0 saves
+    val_acc, val_loss = evaluate(trainer.model, val_loader, trainer.device, runtime=trainer.runtime)
     b = trainer.decision_fraction()
     trainer.epoch += 1  # only once the epoch is evaluated: an interrupted one is redone on --resume
     return EpochMetrics(

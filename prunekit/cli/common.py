@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -41,6 +42,11 @@ class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+def is_primary_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that prints results and progress."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:

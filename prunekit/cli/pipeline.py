@@ -19,6 +19,7 @@ from prunekit.cli.common import (
     JsonOption,
     OutOption,
     input_shape,
+    is_primary_process,
     numbers,
     user_errors,
 )
@@ -95,7 +96,9 @@ def finetune_command(
         float | None, typer.Option(help="Fraction of the model's MACs to keep, e.g. 0.5.")
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = FT["epochs"],
-    batch_size: Annotated[int, typer.Option(min=1)] = FT["batch_size"],
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Examples per step and per process (under torchrun: x processes).")
+    ] = FT["batch_size"],
     lr: Annotated[float, typer.Option(help="Weights: SGD learning rate (cosine decay).")] = FT["lr"],
     gate_lr: Annotated[float, typer.Option(help="Gate logits: Adam learning rate.")] = FT["gate_lr"],
     weight_decay: Annotated[float, typer.Option(min=0.0)] = FT["weight_decay"],
@@ -122,6 +125,10 @@ def finetune_command(
     seed: Annotated[int, typer.Option()] = FT["seed"],
     device: Annotated[Device, typer.Option(help="Where to train.")] = DEFAULT_DEVICE,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = FT["amp"],
+    sync_bn: Annotated[
+        bool,
+        typer.Option("--sync-bn", help="Under torchrun on CUDA: BatchNorm statistics over all processes."),
+    ] = FT["sync_bn"],
     max_steps: Annotated[int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")] = FT[
         "max_steps_per_epoch"
     ],
@@ -150,13 +157,15 @@ def finetune_command(
         if target_macs is None:
             raise ConfigError("--target-macs is required, e.g. --target-macs 0.5 to keep half the MACs")
         config, overrides = FinetuneConfig(**fields), None
-    progress = Progress(json_output)
+    progress = Progress(json_output, quiet=not is_primary_process())
     try:
         result = finetune_stage(
             gated, data, output, config, resume=resume, overrides=overrides, callbacks=progress.callbacks()
         ).to_dict()
     finally:
         progress.stop()
+    if not is_primary_process():
+        return
     if json_output:
         render.emit_json(result)
     else:

@@ -13,9 +13,10 @@ from prunekit.cli.render import pct
 
 
 class Progress:
-    def __init__(self, json_lines: bool) -> None:
+    def __init__(self, json_lines: bool, quiet: bool = False) -> None:
         self.json_lines = json_lines
-        self.tty = sys.stderr.isatty() and not json_lines
+        self.quiet = quiet  # the other processes under torchrun: silent unless an error happens
+        self.tty = sys.stderr.isatty() and not json_lines and not quiet
         self.bar: Any = None
         self.task: Any = None
         self.steps = 0
@@ -78,6 +79,8 @@ class Progress:
             self.bar.stop()
 
     def line(self, text: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.console.print(text)
         else:

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 from torch import nn
 
 from prunekit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from prunekit.config import RESUME_MUTABLE, FinetuneConfig
 from prunekit.errors import CheckpointError, ConfigError, Interrupted
 from prunekit.fileio import check_writable
-from prunekit.gates import GateBank, remove_gates_
+from prunekit.gates import GateBank, insert_gates_, remove_gates_
 from prunekit.objective import MacBudget, MacModel
 from prunekit.runtime import Runtime, resolve_runtime
 from prunekit.trainer import EpochMetrics, Trainer, evaluate, make_budget, run_epochs
@@ -114,7 +115,8 @@ class FinetuneSession:
         return self.trainer.runtime
 
     def evaluate_baseline(self, val_loader: Any, data: str | None) -> Baseline:
-        acc, _ = evaluate(self.plain.to(self.runtime.device), val_loader, self.runtime.device)
+        device = self.runtime.device
+        acc, _ = evaluate(self.plain.to(device), val_loader, device, runtime=self.runtime)
         return Baseline(acc, int(self.budget.total_macs), data)
 
     def start_info(self, baseline: Baseline) -> FinetuneStart:
@@ -169,6 +171,8 @@ def prepare_finetune(
     runtime = runtime or resolve_runtime(config.device)
     bank = _bank(gated, "the checkpoint")
     plain = _ungated_copy((start or gated).model)
+    if config.sync_bn and runtime.distributed:
+        _convert_sync_batchnorm(gated, bank, runtime)
     mac_model = MacModel(gated.graph)
     budget = make_budget(bank, mac_model, original_macs(gated), config.target_macs)
     steps = (
@@ -179,6 +183,18 @@ def prepare_finetune(
     teacher = plain if config.distill > 0 else None
     trainer = Trainer(gated.model, bank, mac_model, budget, config, steps, runtime, teacher)
     return FinetuneSession(gated, trainer, plain, budget, steps)
+
+
+def _convert_sync_batchnorm(gated: Checkpoint, bank: GateBank, runtime: Runtime) -> None:
+    """BatchNorm statistics over the global batch. The conversion replaces the BN modules the mask hooks
+    are registered on, so the gates come off first and go back on the new modules (by name)."""
+    if runtime.device.type != "cuda":
+        raise ConfigError("sync_bn needs CUDA devices (SyncBatchNorm has no CPU implementation)")
+    remove_gates_(gated.model)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(gated.model)
+    if converted is not gated.model:
+        raise ConfigError("sync_bn: the model itself is a BatchNorm layer")
+    insert_gates_(gated.model, gated.graph, bank)
 
 
 AfterEpoch = Callable[[FinetuneSession, "FinetuneResult", bool], None]
@@ -240,7 +256,8 @@ def finetune(
     ckpt = gated.checkpoint if hasattr(gated, "checkpoint") else gated
     if not isinstance(ckpt, Checkpoint):
         raise ConfigError("finetune() takes a GateResult or a gated Checkpoint (see prunekit.gate)")
-    torch.manual_seed(config.seed)
+    runtime = runtime or resolve_runtime(config.device)
+    runtime.seed(config.seed)
     session = prepare_finetune(ckpt, config, len(train_loader), runtime=runtime)
     baseline = session.evaluate_baseline(val_loader, None)
     return _train(session, train_loader, val_loader, baseline, callbacks or FinetuneCallbacks())
@@ -280,13 +297,14 @@ def _epoch_saver(out: Path, loaders: Any) -> AfterEpoch:
 
     def save(session: FinetuneSession, result: FinetuneResult, interrupted: bool) -> None:
         nonlocal best_acc
+        tr, history = session.trainer, result.history
+        finished = tr.epoch >= tr.config.epochs and not interrupted
+        # every process takes part in gathering the training state (its RNG); rank 0 alone writes
+        state = None if finished else tr.state() | {"train_loader_rng": loaders.train.generator.get_state()}
         if not session.runtime.is_primary:
             return
-        tr, history = session.trainer, result.history
         if best_acc < 0:
             best_acc = max((h["val_acc"] for h in history[:-1] if h.get("within_budget")), default=-1.0)
-        finished = tr.epoch >= tr.config.epochs and not interrupted
-        state = None if finished else tr.state() | {"train_loader_rng": loaders.train.generator.get_state()}
         c = result.checkpoint
         extra = c.extra | {"finetune": tr.config.to_dict(), "budget": session.budget.to_dict()}
         out_ckpt = Checkpoint(
@@ -331,10 +349,12 @@ def finetune_stage(
     )
 
 
-def data_loaders(data: str, ckpt: Checkpoint, config: FinetuneConfig) -> Any:
-    """Training and validation loaders for `data`, as the checkpoint's model expects its inputs."""
+def data_loaders(data: str, ckpt: Checkpoint, config: FinetuneConfig, runtime: Runtime | None = None) -> Any:
+    """Training and validation loaders for `data`, as the checkpoint's model expects its inputs; under
+    torchrun each process gets its share (`--batch-size` is per process)."""
     from prunekit.data import resolve_data
 
+    runtime = runtime or Runtime(torch.device("cpu"))
     spec = ckpt.spec
     loaders = resolve_data(
         data,
@@ -344,6 +364,9 @@ def data_loaders(data: str, ckpt: Checkpoint, config: FinetuneConfig) -> Any:
         batch_size=config.batch_size,
         workers=config.workers,
         seed=config.seed,
+        train_sampler=runtime.train_sampler(config.seed),
+        val_sampler=runtime.eval_sampler(),
+        pin_memory=runtime.device.type == "cuda",
     )
     if loaders.num_classes != spec.num_classes:
         raise ConfigError(
@@ -363,10 +386,12 @@ def finetune_to_files(
     start: Checkpoint | None = None,
     resume: bool = False,
     callbacks: FinetuneCallbacks | None = None,
+    runtime: Runtime | None = None,
 ) -> FinetuneResult:
     """Fine-tune an in-memory gated (or resumed) checkpoint, saving to `out` every epoch."""
-    torch.manual_seed(config.seed)
-    session = prepare_finetune(ckpt, config, len(loaders.train), start=start)
+    runtime = runtime or resolve_runtime(config.device)
+    runtime.seed(config.seed)
+    session = prepare_finetune(ckpt, config, len(loaders.train), runtime=runtime, start=start)
     if resume:
         session.trainer.load_state(ckpt.training)  # type: ignore[arg-type]
         if ckpt.training.get("train_loader_rng") is not None:  # type: ignore[union-attr]

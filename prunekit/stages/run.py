@@ -8,6 +8,7 @@ model.onnx, plan.json), so a run can be inspected or continued stage by stage, a
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,10 @@ def run_pipeline(
     """Run every stage into `out_dir` and write `report.json`. With `max_accuracy_drop`, raises
     AccuracyGateError (exit code 3) after writing everything when the slimmed model lost more."""
     out_dir = Path(out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "prunekit run is one process; under torchrun run `prunekit finetune` (then slim in one process)"
+        )
     _check_data(config.data)
     files = _run_dir(out_dir)
     outputs = SlimOutputs.for_output(
