@@ -298,6 +298,10 @@ def _epoch_saver(out: Path, loaders: Any) -> AfterEpoch:
     def save(session: FinetuneSession, result: FinetuneResult, interrupted: bool) -> None:
         nonlocal best_acc
         tr, history = session.trainer, result.history
+        if interrupted and session.runtime.distributed:
+            # the other processes stop at their own point: no collective can gather their state now,
+            # so the last epoch's checkpoint stays the one to resume from
+            return
         finished = tr.epoch >= tr.config.epochs and not interrupted
         # every process takes part in gathering the training state (its RNG); rank 0 alone writes
         state = None if finished else tr.state() | {"train_loader_rng": loaders.train.generator.get_state()}
