@@ -23,11 +23,13 @@ import shlex
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torchvision
+from torch import nn
 
 from prunekit.graph import ChannelGraph, analyze
 from prunekit.masking import masked
@@ -87,12 +89,13 @@ def frozen_reasons(graph: ChannelGraph) -> list[str]:
     return [f"{reason} (x{len(where)})" if len(where) > 1 else reason for reason, where in places.items()]
 
 
-def run_one(name: str, size: int | None = None) -> Row:
+def run_one(name: str, size: int | None = None, build: Callable[[], nn.Module] | None = None) -> Row:
+    """Analyse, slim by a random plan and check one model (`build`: how to make it; default torchvision)."""
     size = size or input_size(name)
     row = Row(name, size)
     stage = "build"
     try:
-        model = randomize_(build_model(name))
+        model = randomize_(build() if build is not None else build_model(name))
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(SEED))
         row.params = count_params(model)
         stage = "fvcore"

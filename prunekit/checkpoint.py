@@ -112,12 +112,16 @@ def read_checkpoint_data(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_checkpoint(path: Path | str, *, model: nn.Module | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: Path | str, *, model: nn.Module | None = None, source: str | None = None
+) -> Checkpoint:
     """Rebuild the checkpoint's model and load its weights strictly (on the CPU, in eval mode).
 
-    `model`: a freshly built, unslimmed, ungated instance of the architecture, for a checkpoint of a
-    model that was handed over in memory (its source cannot be rebuilt by name). Without it, the
-    recorded source is built; nothing named in the file is imported."""
+    `source`: the model source the user names (`--model`). A checkpoint of a model of one's own
+    (`module:factory`, `file.py:factory`) is rebuilt only when the user names the same source: prunekit
+    never imports code on a file's word. torchvision and timm models rebuild from their names.
+    `model`: a freshly built, unslimmed, ungated instance of the architecture instead (for a model that
+    was handed over in memory)."""
     path = Path(path)
     data = read_checkpoint_data(path)
     try:
@@ -139,7 +143,7 @@ def load_checkpoint(path: Path | str, *, model: nn.Module | None = None) -> Chec
             f"{path} is inconsistent: unknown stage {stage!r} (expected {', '.join(STAGES)})"
         )
     if model is None:
-        model = _build(spec, path)
+        model = _build(spec, path, source)
     elif get_gates(model) is not None:
         raise CheckpointError("load_checkpoint(model=...) takes a freshly built model without gates")
     graph = analyze(model, spec.example_input())
@@ -168,11 +172,23 @@ def load_checkpoint(path: Path | str, *, model: nn.Module | None = None) -> Chec
     )
 
 
-def _build(spec: ModelSpec, path: Path) -> nn.Module:
+def _build(spec: ModelSpec, path: Path, given: str | None) -> nn.Module:
+    """Build the recorded source, under the trust rule (see load_checkpoint)."""
     from prunekit.models import build_model
+    from prunekit.sources import is_code_source, same_source
 
+    recorded = spec.source
+    if given is not None and (recorded is None or not same_source(given, recorded)):
+        raise CheckpointError(
+            f"{path} holds a model built by {recorded or 'code handed over in memory'}, not {given}"
+        )
+    if is_code_source(recorded) and given is None:
+        raise CheckpointError(
+            f"{path} holds a model built by {recorded}; prunekit imports no code a file names: "
+            f"pass --model {recorded} to load it"
+        )
     try:
-        return build_model(spec.source, spec.num_classes)  # type: ignore[arg-type]
+        return build_model(recorded, spec.num_classes, **spec.model_args)  # type: ignore[arg-type]
     except PrunekitError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
 

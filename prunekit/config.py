@@ -6,7 +6,7 @@ torch: `prunekit --help` stays fast.
 
 TOML sections of a `prunekit run` config (every key optional but the model's source, data and target):
 
-[model]      arch, weights, num_classes, input_shape, mean, std       (ModelSpec)
+[model]      arch, weights, num_classes, input_shape, mean, std, args (a table of factory arguments)
 [gates]      granularity, min_keep, init_on, init_off, init_spread    (GateConfig)
 [finetune]   data, target_macs, epochs, batch_size, lr, ...           (FinetuneConfig)
 [slim]       export ("onnx" | "none"), opset, latency, threads        (SlimConfig)
@@ -61,6 +61,19 @@ def parse_input_shape(value: Any) -> tuple[int, int, int]:
     return (c, h, w)
 
 
+def parse_model_arg(text: str) -> tuple[str, Any]:
+    """`name=value` from --model-arg: the value is read as a TOML value (10, 0.5, true, "x", [1, 2]), and
+    taken as a plain string when it is not one (--model-arg act=relu)."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise ConfigError(f"--model-arg takes name=value, got {text!r}")
+    try:
+        return name, tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return name, value.strip()
+
+
 def _stats(value: Any, name: str, channels: int | None) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -92,8 +105,11 @@ class ModelSpec:
     input_shape: tuple[int, int, int] | None = None  # (C, H, W) of one example
     mean: tuple[float, ...] | None = None  # per-channel input normalisation the weights expect
     std: tuple[float, ...] | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the source's factory
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
+            raise ConfigError(f"model arguments must be a table of name = value, got {self.model_args!r}")
         if self.input_shape is not None:
             object.__setattr__(self, "input_shape", parse_input_shape(self.input_shape))
         channels = self.input_shape[0] if self.input_shape else None
@@ -131,6 +147,7 @@ class ModelSpec:
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
+            "model_args": dict(self.model_args),
         }
 
     @classmethod
@@ -145,6 +162,7 @@ class ModelSpec:
             input_shape=None if d.get("input_shape") is None else tuple(int(x) for x in d["input_shape"]),
             mean=d.get("mean"),
             std=d.get("std"),
+            model_args=dict(d.get("model_args") or {}),
         )
 
 
@@ -269,7 +287,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         model = self.model.to_dict()
         return {
-            "model": {"arch": model.pop("source"), **model},
+            "model": {"arch": model.pop("source"), "args": model.pop("model_args"), **model},
             "gates": self.gates.to_dict(),
             "finetune": {"data": self.data, **self.finetune.to_dict()},
             "slim": asdict(self.slim),
@@ -286,7 +304,7 @@ def defaults(cls: type) -> dict[str, Any]:
 # TOML
 # --------------------------------------------------------------------------------------------------
 
-_MODEL_KEYS = {"arch", "weights", "num_classes", "input_shape", "mean", "std"}
+_MODEL_KEYS = {"arch", "weights", "num_classes", "input_shape", "mean", "std", "args"}
 
 
 def _section(data: dict[str, Any], name: str, known: set[str], renames: dict[str, str] | None = None) -> dict:
@@ -330,7 +348,7 @@ def parse_run_config(data: dict[str, Any], overrides: dict[str, Any] | None = No
     drop = ci.get("max_accuracy_drop")
     try:
         return RunConfig(
-            model=ModelSpec(source=str(model.pop("arch")), **model),
+            model=ModelSpec(source=str(model.pop("arch")), model_args=model.pop("args", {}), **model),
             data=str(dataset),
             finetune=FinetuneConfig(**ft_args),
             gates=GateConfig(**_section(data, "gates", _names(GateConfig))),
@@ -367,4 +385,5 @@ __all__ = [
     "load_run_config",
     "parse_run_config",
     "parse_input_shape",
+    "parse_model_arg",
 ]

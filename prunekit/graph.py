@@ -399,6 +399,12 @@ def _tree_map_tensors(fn: Callable[[torch.Tensor], Any], x: Any) -> Any:
     return x
 
 
+def _with_size(t: torch.Tensor, dim: int, size: int) -> list[int]:
+    shape = list(t.shape)
+    shape[dim] = size
+    return shape
+
+
 def _broadcast_channel(atoms: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
     view = [1] * len(shape)
     view[axis] = -1
@@ -647,7 +653,45 @@ class _Analyzer(fx.Interpreter):
             return self._split(n, fn.__name__, largs, lkwargs, out)
         if fn in (torch.mean, torch.sum, torch.amax):
             return self._reduce(n, largs, lkwargs, out)
+        if fn is F.pad:
+            return self._pad(n, largs, lkwargs, out)
         return self._opaque(n, out, f"no rule for function {getattr(fn, '__name__', fn)}")
+
+    def _pad(self, n: fx.Node, largs: tuple, lkwargs: dict, out: Any) -> Any:
+        """F.pad with zeros. Padded spatial positions belong to their channel. Padded *channels* (the
+        parameter-free shortcut of CIFAR ResNets) are constant zeros whose count the code fixes: they are
+        frozen where they land, while the input's channels pass through and stay prunable."""
+        lx = largs[0]
+        pad = lkwargs.get("pad", largs[1] if len(largs) > 1 else None)
+        mode = lkwargs.get("mode", largs[2] if len(largs) > 2 else "constant")
+        value = lkwargs.get("value", largs[3] if len(largs) > 3 else None)
+        if (
+            not _is_tensor(lx)
+            or not isinstance(pad, (list, tuple))
+            or mode != "constant"
+            or value not in (None, 0)
+        ):
+            return self._opaque(n, out, "padding that is not constant zeros")
+        if any(p < 0 for p in pad):
+            return self._opaque(n, out, "negative padding (cropping)")
+        labels = lx
+        for i in range(len(pad) // 2):
+            dim, before, after = lx.dim() - 1 - i, int(pad[2 * i]), int(pad[2 * i + 1])
+            if before == after == 0:
+                continue
+            if dim == 1 or self._carries_channels(lx, dim):
+                fill = self.atoms.frozen_atom(
+                    n.name, "padding adds constant channels; the code fixes their count"
+                )
+                parts = [labels.new_full(_with_size(labels, dim, k), fill) for k in (before, after)]
+            else:  # spatial: a padded position is zero exactly when its channel is
+                parts = [
+                    labels.narrow(dim, 0, 1).expand(_with_size(labels, dim, before)),
+                    labels.narrow(dim, labels.shape[dim] - 1, 1).expand(_with_size(labels, dim, after)),
+                ]
+            labels = torch.cat([parts[0], labels, parts[1]], dim=dim)
+        self.kind[n] = ZERO
+        return labels
 
     def _method(self, n: fx.Node, name: str, out: Any) -> Any:
         largs, lkwargs = self._label_args(n)
@@ -879,11 +923,39 @@ def trace(model: nn.Module) -> fx.GraphModule:
     The GraphModule shares the model's submodules."""
     with _eval_mode(model):
         try:
-            return fx.symbolic_trace(model)
+            tracer = _Tracer()
+            graph = tracer.trace(model)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
         except Exception as exc:
+            where = _failing_line(exc)
             raise AnalysisError(
-                f"cannot trace the model with torch.fx: {type(exc).__name__}: {exc}".splitlines()[0]
+                f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
+                + f"{exc}".strip().split("\n")[0][:200]
+                + (f" (at {where})" if where else "")
+                + "; fx cannot follow Python control flow on tensor values: rewrite that line with tensor "
+                "ops, or wrap the code in a module fx treats as a leaf"
             ) from exc
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with every BatchNorm subclass kept whole. Libraries fuse an activation into
+    their BatchNorm (timm's BatchNormAct2d calls F.batch_norm, then its act); traced through, the
+    functional call would have no rule and freeze the channels. As one module it is a per-channel
+    affine op followed by a per-channel activation: a mask point like any BatchNorm."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualname)
+
+
+def _failing_line(exc: BaseException) -> str | None:
+    """file:line and code of the innermost frame of the traceback outside torch (the user's code)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return None
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -124,9 +125,9 @@ class TorchvisionSource:
     def __init__(self, arch: str) -> None:
         self.arch = arch
 
-    def build(self, num_classes: int | None = None) -> nn.Module:
+    def build(self, num_classes: int | None = None, **model_args: Any) -> nn.Module:
         """A randomly initialised model in eval mode."""
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        kwargs = dict(model_args) | ({} if num_classes is None else {"num_classes": num_classes})
         with warnings.catch_warnings():
             # googlenet / inception_v3 warn about a future change of their default initialisation.
             warnings.filterwarnings(
@@ -142,7 +143,7 @@ class TorchvisionSource:
         arch, weights, num_classes = self.arch, spec.weights, spec.num_classes
         tv_weights: WeightsEnum | None = None
         if weights is None:
-            model = self.build(num_classes)
+            model = self.build(num_classes, **spec.model_args)
             num_classes = num_classes or TORCHVISION_NUM_CLASSES
         else:
             source = _resolve_weights(arch, weights)
@@ -167,20 +168,27 @@ class TorchvisionSource:
         return model.eval(), full
 
 
-def resolve_source(source: str | None) -> TorchvisionSource:
-    """The one place a model source string is turned into something that builds models. Today: a
-    torchvision classification model name (close matches are suggested for a typo)."""
+def resolve_source(source: str | None) -> Any:
+    """The one place a model source string is turned into something that builds models:
+    a torchvision classification model name (close matches are suggested for a typo),
+    `package.module:factory`, `path/to/file.py:factory` (see prunekit.sources) or `timm:NAME`."""
+    from prunekit.sources import TIMM_PREFIX, FactorySource, TimmSource, is_code_source
+
     if source is None:
         raise UnknownModelError(
             "this model was handed over in memory and cannot be rebuilt from its name: "
             "pass the model itself (load_checkpoint(path, model=...))"
         )
+    if source.startswith(TIMM_PREFIX):
+        return TimmSource(source)
+    if is_code_source(source):
+        return FactorySource(source)
     return TorchvisionSource(check_arch(source))
 
 
-def build_model(source: str, num_classes: int | None = None) -> nn.Module:
+def build_model(source: str, num_classes: int | None = None, **model_args: Any) -> nn.Module:
     """A randomly initialised model of `source` in eval mode."""
-    return resolve_source(source).build(num_classes)
+    return resolve_source(source).build(num_classes, **model_args)
 
 
 def load_model(

@@ -8,6 +8,7 @@ function that builds the smaller module.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -81,26 +82,20 @@ def _slim_linear(m: nn.Linear, s: ModuleSlice, keep: Sequence[bool]) -> nn.Modul
 
 
 def _slim_batchnorm(m: nn.modules.batchnorm._BatchNorm, s: ModuleSlice, keep: Sequence[bool]) -> nn.Module:
+    """A copy of the BatchNorm module with the kept channels. Copied rather than constructed, so that a
+    subclass keeps what its constructor set up (timm's BatchNormAct2d: its activation and dropout),
+    and dtype and device stay the model's."""
     k = _kept_positions(s.in_units, keep)
-    ref = m.weight if m.affine else m.running_mean  # None only with neither affine nor running stats
-    new = type(m)(
-        len(k),
-        eps=m.eps,
-        momentum=m.momentum,
-        affine=m.affine,
-        track_running_stats=m.track_running_stats,
-        device=None if ref is None else ref.device,
-        dtype=None if ref is None else ref.dtype,  # a float64 or bfloat16 model stays so
-    )
+    new = copy.deepcopy(m)
+    new.num_features = len(k)
     with torch.no_grad():
-        if m.affine:
-            new.weight.copy_(_index(m.weight, 0, k))
-            new.bias.copy_(_index(m.bias, 0, k))
-        if m.track_running_stats:
-            new.running_mean.copy_(_index(m.running_mean, 0, k))
-            new.running_var.copy_(_index(m.running_var, 0, k))
-            new.num_batches_tracked.copy_(m.num_batches_tracked)
-    new.train(m.training)
+        for name in ("weight", "bias"):
+            old = getattr(m, name)
+            if isinstance(old, nn.Parameter):
+                setattr(new, name, nn.Parameter(_index(old.data, 0, k), requires_grad=old.requires_grad))
+        for name in ("running_mean", "running_var"):
+            if getattr(m, name, None) is not None:
+                setattr(new, name, _index(getattr(m, name), 0, k))
     return new
 
 

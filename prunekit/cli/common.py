@@ -33,6 +33,29 @@ InputShapeOption = Annotated[
 ]
 
 
+ModelArgOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-arg",
+        help="NAME=VALUE for the model's factory (repeatable), e.g. --model-arg depth=20.",
+    ),
+]
+SourceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="The model source of a checkpoint of your own model (module:factory or file.py:factory): "
+        "prunekit imports no code a file names.",
+    ),
+]
+
+
+def model_args(values: list[str] | None) -> dict:
+    from prunekit.config import parse_model_arg
+
+    return dict(parse_model_arg(v) for v in values or [])
+
+
 class Export(StrEnum):
     onnx = "onnx"
     none = "none"

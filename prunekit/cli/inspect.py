@@ -7,7 +7,16 @@ from typing import Annotated
 import typer
 
 from prunekit.cli import render
-from prunekit.cli.common import INSPECT, InputShapeOption, JsonOption, input_shape, user_errors
+from prunekit.cli.common import (
+    INSPECT,
+    InputShapeOption,
+    JsonOption,
+    ModelArgOption,
+    SourceOption,
+    input_shape,
+    model_args,
+    user_errors,
+)
 
 app = typer.Typer()
 
@@ -56,6 +65,8 @@ def report_command(
         bool, typer.Option("--latency", help="Also time a batch-1 forward pass (median and p90 of 20).")
     ] = False,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for --latency.")] = 1,
+    model_arg: ModelArgOption = None,
+    source: SourceOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Measure MACs and parameters (and latency) of a model, a checkpoint or an ONNX file."""
@@ -69,6 +80,8 @@ def report_command(
         depth=depth,
         latency=latency,
         threads=threads,
+        model_args=model_args(model_arg),
+        source=source,
     )
     if json_output:
         render.emit_json(result)
@@ -79,16 +92,23 @@ def report_command(
 @app.command("analyze", rich_help_panel=INSPECT)
 @user_errors
 def analyze_command(
-    model: Annotated[str, typer.Argument(help="A torchvision model name.")],
+    model: Annotated[
+        str,
+        typer.Argument(help="A model source: torchvision name, module:factory, file.py:factory, timm:NAME."),
+    ],
     num_classes: Annotated[int | None, typer.Option(min=1, help="Classifier outputs.")] = None,
     shape: InputShapeOption = None,
+    model_arg: ModelArgOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show the coupled channel groups, the prunable share of the MACs and why anything is frozen."""
     from prunekit.config import ModelSpec
     from prunekit.stages.report import analyze_model
 
-    report = analyze_model(ModelSpec(model, num_classes=num_classes, input_shape=input_shape(shape)))
+    spec = ModelSpec(
+        model, num_classes=num_classes, input_shape=input_shape(shape), model_args=model_args(model_arg)
+    )
+    report = analyze_model(spec)
     if json_output:
         render.emit_json(report.to_dict())
     else:

@@ -17,9 +17,12 @@ from prunekit.cli.common import (
     Export,
     InputShapeOption,
     JsonOption,
+    ModelArgOption,
     OutOption,
+    SourceOption,
     input_shape,
     is_primary_process,
+    model_args,
     numbers,
     user_errors,
 )
@@ -39,11 +42,18 @@ DEFAULT_EXPORT = Export(SL["export"])
 @app.command("gate", rich_help_panel=PIPELINE)
 @user_errors
 def gate_command(
-    model: Annotated[str, typer.Argument(help="A torchvision model name (see `prunekit models`).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A torchvision model name (see `prunekit models`), package.module:factory, "
+            "path/to/file.py:factory, or timm:NAME."
+        ),
+    ],
     output: OutOption,
     weights: Annotated[
         str | None, typer.Option(help="torchvision weights name (hub cache) or a state_dict file.")
     ] = None,
+    model_arg: ModelArgOption = None,
     num_classes: Annotated[
         int | None, typer.Option(min=1, help="Classifier outputs (new head if it differs).")
     ] = None,
@@ -72,6 +82,7 @@ def gate_command(
         input_shape=input_shape(shape),
         mean=numbers(mean, "--mean"),
         std=numbers(std, "--std"),
+        model_args=model_args(model_arg),
     )
     config = GateConfig(granularity=granularity, min_keep=min_keep)
     result = gate_stage(spec, output, config=config, seed=seed).to_dict() | {"output": str(output)}
@@ -132,6 +143,7 @@ def finetune_command(
     max_steps: Annotated[int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")] = FT[
         "max_steps_per_epoch"
     ],
+    source: SourceOption = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -160,7 +172,14 @@ def finetune_command(
     progress = Progress(json_output, quiet=not is_primary_process())
     try:
         result = finetune_stage(
-            gated, data, output, config, resume=resume, overrides=overrides, callbacks=progress.callbacks()
+            gated,
+            data,
+            output,
+            config,
+            resume=resume,
+            overrides=overrides,
+            callbacks=progress.callbacks(),
+            source=source,
         ).to_dict()
     finally:
         progress.stop()
@@ -204,6 +223,7 @@ def slim_command(
     slim_checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="Where to write the slim checkpoint.")
     ] = None,
+    source: SourceOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Remove the pruned channels physically, verify the result, export and check ONNX."""
@@ -218,6 +238,7 @@ def slim_command(
         data=data,
         checkpoint_out=slim_checkpoint,
         plan_out=save_plan,
+        model_source=source,
     ).to_dict()
     if json_output:
         render.emit_json(result)

@@ -335,17 +335,19 @@ def finetune_stage(
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
     callbacks: FinetuneCallbacks | None = None,
+    source: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune the gated checkpoint at `gated` on `data`; checkpoint every epoch to `out` (last) and
     `<out>.best.pt` (best validation accuracy within the budget). With `resume`, continue the run saved
-    at `out`; `overrides` (config field -> value the user gave) may change what is safe to change."""
+    at `out`; `overrides` (config field -> value the user gave) may change what is safe to change.
+    `source`: the model source the user names, for checkpoints of a model of one's own."""
     check_writable(out)
     if resume:
-        ckpt, start, config = _load_resumed(gated, out, overrides or {})
+        ckpt, start, config = _load_resumed(gated, out, overrides or {}, source)
     else:
         if config is None:
             raise ConfigError("finetune_stage needs a FinetuneConfig (or resume=True)")
-        ckpt, start = load_checkpoint(gated), None
+        ckpt, start = load_checkpoint(gated, source=source), None
         _bank(ckpt, str(gated))
     loaders = data_loaders(data, ckpt, config)
     return finetune_to_files(
@@ -409,11 +411,11 @@ def finetune_to_files(
 
 
 def _load_resumed(
-    gated: Path, out: Path, overrides: dict[str, Any]
+    gated: Path, out: Path, overrides: dict[str, Any], source: str | None
 ) -> tuple[Checkpoint, Checkpoint | None, FinetuneConfig]:
     if not out.is_file():
         raise CheckpointError(f"resume: no checkpoint to resume at {out}")
-    ckpt = load_checkpoint(out)
+    ckpt = load_checkpoint(out, source=source)
     _bank(ckpt, str(out))
     if ckpt.training is None:
         raise CheckpointError(f"{out} holds no training state to resume (finished or not from finetune)")
@@ -421,7 +423,7 @@ def _load_resumed(
     config = resumed_config(saved, overrides, int(ckpt.training["epoch"]))
     start = None
     if config.distill > 0:  # the teacher is the run's starting model, not the half-trained weights
-        start = load_checkpoint(gated)
+        start = load_checkpoint(gated, source=source)
         if start.spec != ckpt.spec or start.gates is None:
             raise CheckpointError(f"{gated} is not the gated checkpoint this run started from")
     return ckpt, start, config

@@ -48,13 +48,16 @@ def report_target(
     depth: int = 1,
     latency: bool = False,
     threads: int = 1,
+    model_args: dict[str, Any] | None = None,
+    source: str | None = None,
 ) -> TargetReport:
-    """Measure a model by source name, a prunekit checkpoint (.pt / .pth) or an .onnx file."""
+    """Measure a model by source, a prunekit checkpoint (.pt / .pth; `source` names the model source of
+    a checkpoint of a model of one's own) or an .onnx file."""
     if depth < 0:
         raise ConfigError(f"--depth must be 0 or more, got {depth}")
     if target.lower().endswith(".onnx"):
         return _report_onnx(target, input_shape, latency, threads, weights, num_classes)
-    model, spec = _load_report_target(target, weights, num_classes, input_shape)
+    model, spec = _load_report_target(target, weights, num_classes, input_shape, model_args or {}, source)
     from prunekit.models import check_runs
 
     check_runs(model, spec)
@@ -77,17 +80,22 @@ def report_target(
 
 
 def _load_report_target(
-    target: str, weights: str | None, num_classes: int | None, input_shape: tuple[int, int, int] | None
+    target: str,
+    weights: str | None,
+    num_classes: int | None,
+    input_shape: tuple[int, int, int] | None,
+    model_args: dict[str, Any],
+    source: str | None,
 ) -> tuple[nn.Module, ModelSpec]:
     """A model source, or a prunekit checkpoint measured as the architecture it holds (a gated model
     without its gate hooks, a slim model at its reduced widths)."""
-    if target.lower().endswith((".pt", ".pth")) or Path(target).is_file():
+    if target.lower().endswith((".pt", ".pth")) or (Path(target).is_file() and ":" not in target):
         if weights is not None or num_classes is not None:
             raise ConfigError("--weights and --num-classes apply to model names, not to checkpoints")
         from prunekit.checkpoint import load_checkpoint
         from prunekit.gates import get_gates, remove_gates_
 
-        ckpt = load_checkpoint(Path(target))
+        ckpt = load_checkpoint(Path(target), source=source)
         if get_gates(ckpt.model) is not None:
             remove_gates_(ckpt.model)
         spec = ckpt.spec

@@ -244,12 +244,14 @@ def slim_stage(
     data: str | None = None,
     checkpoint_out: Path | None = None,
     plan_out: Path | None = None,
+    model_source: str | None = None,
 ) -> SlimResult:
     """Load a fine-tuned checkpoint, slim it (by its gates or `plan_file`), verify, and write the slim
-    checkpoint, the ONNX file (unless config.export is "none") and the plan."""
+    checkpoint, the ONNX file (unless config.export is "none") and the plan. `model_source`: the model
+    source the user names, for checkpoints of a model of one's own."""
     config = config or SlimConfig()
     outputs = SlimOutputs.for_output(out, config.export, checkpoint_out, plan_out)
-    ckpt = load_checkpoint(source)
+    ckpt = load_checkpoint(source, source=model_source)
     if ckpt.stage == "slim":
         raise CheckpointError(f"{source} is already slimmed")
     if plan_file is None and ckpt.gates is None:
