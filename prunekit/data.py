@@ -112,6 +112,8 @@ def image_folder_loaders(
         raise DataError(f"data path is not a folder: {root}")
     val_tf = eval_transform(input_shape, mean, std)
     train_tf = train_transform(input_shape, mean, std) if train_augment else val_tf
+    val_parts = _eval_parts(input_shape, mean, std)
+    train_parts = _train_parts(input_shape, mean, std) if train_augment else val_parts
 
     val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
@@ -139,6 +141,7 @@ def image_folder_loaders(
             raise DataError(f"too few images in {folder} to hold out a validation split")
         classes = tuple(full_train.classes)
         train, val = Subset(full_train, train_idx), Subset(full_val, val_idx)
+    train, val = _decoded(train, train_parts, input_shape), _decoded(val, val_parts, input_shape)
     return _loaders(train, val, classes, batch_size, workers, seed, train_sampler, val_sampler, pin_memory)
 
 
@@ -195,28 +198,75 @@ def _size(input_shape: Shape) -> int | tuple[int, int]:
 
 def train_transform(input_shape: Shape, mean: Stats, std: Stats) -> v2.Compose:
     """Random resized crops for large inputs; pad-and-crop for small (CIFAR-sized) ones; both flip."""
-    _, h, w = input_shape
-    if max(h, w) <= SMALL_INPUT:
-        geometry = [
-            v2.Resize(_size(input_shape), antialias=True),
-            v2.RandomCrop((h, w), padding=h // 8),
-        ]
-    else:
-        geometry = [v2.RandomResizedCrop((h, w), antialias=True)]
-    return v2.Compose(
-        [v2.ToImage(), *geometry, v2.RandomHorizontalFlip(), *_to_normalised(input_shape, mean, std)]
-    )
+    decode, random = _train_parts(input_shape, mean, std)
+    return v2.Compose([*decode, *random])
 
 
 def eval_transform(input_shape: Shape, mean: Stats, std: Stats) -> v2.Compose:
     """Resize to 256/224 of the crop and centre-crop (ImageNet practice); small inputs: resize only."""
+    decode, rest = _eval_parts(input_shape, mean, std)
+    return v2.Compose([*decode, *rest])
+
+
+def _train_parts(input_shape: Shape, mean: Stats, std: Stats) -> tuple[list[Any], list[Any]]:
+    """(the deterministic steps a decoded image goes through first, the random rest)."""
+    _, h, w = input_shape
+    if max(h, w) <= SMALL_INPUT:
+        decode = [v2.ToImage(), v2.Resize(_size(input_shape), antialias=True)]
+        random = [v2.RandomCrop((h, w), padding=h // 8)]
+    else:
+        decode, random = [v2.ToImage()], [v2.RandomResizedCrop((h, w), antialias=True)]
+    return decode, [*random, v2.RandomHorizontalFlip(), *_to_normalised(input_shape, mean, std)]
+
+
+def _eval_parts(input_shape: Shape, mean: Stats, std: Stats) -> tuple[list[Any], list[Any]]:
     _, h, w = input_shape
     if max(h, w) <= SMALL_INPUT:
         resize = _size(input_shape)
     else:
         resize = int(h * 256 / 224) if h == w else (int(h * 256 / 224), int(w * 256 / 224))
-    geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop((h, w))]
-    return v2.Compose([v2.ToImage(), *geometry, *_to_normalised(input_shape, mean, std)])
+    decode = [v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop((h, w))]
+    return decode, _to_normalised(input_shape, mean, std)
+
+
+# Decode an image folder into memory once, instead of every epoch, when its images are small (the
+# deterministic decode steps make them the input size) and all of them fit in this many bytes.
+DECODE_LIMIT_BYTES = 2 * 2**30
+
+
+class DecodedImages(Dataset):
+    """An image folder decoded once into one uint8 tensor (N, C, H, W); each item then only goes
+    through the random (augmentation) and normalising steps, on tensors."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], decode: Any, rest: Any, threads: int = 4) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load(path: str) -> torch.Tensor:
+            return decode(datasets.folder.default_loader(path)).as_subclass(torch.Tensor)
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes outside the GIL
+            images = list(pool.map(load, [p for p, _ in samples], chunksize=256))
+        self.samples = list(samples)  # (path, label), as ImageFolder.samples
+        self.images = torch.stack(images)
+        self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+        self.rest = rest
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.rest(v2.functional.to_image(self.images[index])), int(self.labels[index])
+
+
+def _decoded(dataset: Dataset, parts: tuple[list[Any], list[Any]], input_shape: Shape) -> Dataset:
+    """`dataset` (an ImageFolder or a Subset of one) decoded into memory when small enough; else as is."""
+    _, h, w = input_shape
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    samples = base.samples if indices is None else [base.samples[i] for i in indices]  # type: ignore[attr-defined]
+    if max(h, w) > SMALL_INPUT or len(samples) * 3 * h * w > DECODE_LIMIT_BYTES:
+        return dataset
+    decode, rest = parts
+    return DecodedImages(samples, v2.Compose(decode), v2.Compose(rest))
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

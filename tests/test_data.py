@@ -50,10 +50,35 @@ def test_one_folder_is_split_per_class_and_seeded(tmp_path: Path) -> None:
     val_labels = [label for _, label in data.val.dataset]
     assert sorted(val_labels) == [0, 0, 1, 1, 2, 2]
     again = loaders(tmp_path, val_fraction=0.2, seed=3)
-    assert again.val.dataset.indices == data.val.dataset.indices
+    assert again.val.dataset.samples == data.val.dataset.samples
     other = loaders(tmp_path, val_fraction=0.2, seed=4)
-    assert other.val.dataset.indices != data.val.dataset.indices
-    assert not set(data.train.dataset.indices) & set(data.val.dataset.indices)
+    assert other.val.dataset.samples != data.val.dataset.samples
+    assert not set(data.train.dataset.samples) & set(data.val.dataset.samples)
+
+
+def test_small_images_are_decoded_once_and_match_the_per_epoch_pipeline(tmp_path: Path) -> None:
+    """Small inputs are decoded into memory once; what a loader then yields equals what the per-image
+    transforms give on the files (eval exactly, training with the same random draws)."""
+    from prunekit.data import DecodedImages, eval_transform, train_transform
+
+    write_images(tmp_path / "train", per_class=3)
+    write_images(tmp_path / "val", per_class=2)
+    data = loaders(tmp_path, input_shape=(3, 24, 24))
+    assert isinstance(data.train.dataset, DecodedImages) and isinstance(data.val.dataset, DecodedImages)
+    assert data.val.dataset.images.dtype == torch.uint8 and data.val.dataset.images.shape[1:] == (3, 24, 24)
+    from torchvision.datasets.folder import default_loader
+
+    path, label = data.val.dataset.samples[4]
+    expected = eval_transform((3, 24, 24), **STATS)(default_loader(path))
+    got, got_label = data.val.dataset[4]
+    assert got_label == label and torch.equal(got, expected)
+    path, _ = data.train.dataset.samples[2]
+    torch.manual_seed(5)
+    expected = train_transform((3, 24, 24), **STATS)(default_loader(path))
+    torch.manual_seed(5)
+    assert torch.equal(data.train.dataset[2][0], expected)
+    big = loaders(tmp_path, input_shape=(3, 96, 96))  # large inputs crop the original: not decoded once
+    assert not isinstance(big.train.dataset, DecodedImages)
 
 
 def test_stratified_split_keeps_every_class() -> None:

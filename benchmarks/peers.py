@@ -1,0 +1,325 @@
+"""Accuracy at equal MACs and equal fine-tuning: prunekit's recipe against Torch-Pruning's criteria.
+
+Every method starts from the same pretrained model, data, augmentation and normalisation, and gets the
+same optimiser (SGD, momentum 0.9, Nesterov, weight decay 1e-4), cosine schedule per step, epochs, batch
+and distillation setting (weight, temperature 2, the unpruned model as teacher). prunekit spends its
+epochs as its recipe does (gates and weights jointly, then the weights under fixed decisions); the
+Torch-Pruning criteria prune once to the target (a search over the pruning ratio, `round_to` = prunekit's
+granularity, the classifier left whole) and then fine-tune with a plain loop. Every result's MACs are
+counted by one counter (prunekit.measure.count_macs, fvcore) on the final model.
+
+    # the CIFAR-10 resnet18 fixture (../shared/data), unpacked to /tmp/cifar10 first:
+    python benchmarks/peers.py --data /tmp/cifar10 --out benchmarks/results/peers.json
+    # a smoke run in seconds (random weights, built-in data):
+    python benchmarks/peers.py --data builtin --weights none --targets 0.5 --epochs 1 --seeds 0 \\
+        --distill 0 --max-steps 2 --out /tmp/peers.json --plot /tmp/peers.png --doc /tmp/peers.md
+
+The full grid (3 targets x 2 budgets x 2 seeds x 2 distillation settings x 5 methods = 120 runs) takes
+about 8-10 hours on 2 CPU cores; results are written after every run, so it can be read as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunekit
+from prunekit.config import FinetuneConfig, GateConfig, ModelSpec
+from prunekit.data import resolve_data
+from prunekit.measure import count_macs, count_params
+from prunekit.models import last_linear, load_model
+from prunekit.trainer import distillation_loss, evaluate
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared/data/cifar10-resnet18/resnet18_cifar10jpg.pth"
+METHODS = ("prunekit", "tp-l1-uniform", "tp-l1-global", "tp-bn", "tp-taylor")
+WEIGHT_DECAY = 1e-4
+
+
+def fixture(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, Any]:
+    weights = None if args.weights == "none" else args.weights
+    cifar = args.data != "builtin"
+    spec = ModelSpec(
+        "resnet18",
+        weights=weights,
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        mean=CIFAR_MEAN if cifar else None,
+        std=CIFAR_STD if cifar else None,
+    )
+    torch.manual_seed(0)
+    model, spec = load_model(spec)
+    loaders = resolve_data(
+        args.data,
+        input_shape=spec.input_shape,
+        mean=spec.mean,
+        std=spec.std,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        seed=0,
+    )
+    return model, spec, loaders
+
+
+def tp_prune(model: nn.Module, spec: ModelSpec, loaders: Any, method: str, target: float, round_to: int):  # noqa: ANN201
+    """Torch-Pruning with one criterion, to the largest model within `target` of the MACs."""
+    import torch_pruning as tp
+
+    importance = {
+        "tp-l1-uniform": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "tp-l1-global": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "tp-bn": lambda: tp.importance.BNScaleImportance(),
+        "tp-taylor": lambda: tp.importance.GroupTaylorImportance(),
+    }[method]
+    example = spec.example_input(1)
+    total = count_macs(model, example).total_macs
+
+    base = copy.deepcopy(model).eval()
+    if method == "tp-taylor":  # first-order importance needs the loss's gradients, once
+        base.train()
+        for i, (x, y) in enumerate(loaders.train):
+            F.cross_entropy(base(x), y).backward()
+            if i >= 3:
+                break
+        base.eval()
+
+    def pruned(ratio: float) -> nn.Module:
+        m = copy.deepcopy(base)
+        for new, old in zip(m.parameters(), base.parameters(), strict=True):  # deepcopy drops .grad
+            new.grad = None if old.grad is None else old.grad.clone()
+        pruner = tp.pruner.MetaPruner(
+            m,
+            example,
+            importance=importance(),
+            pruning_ratio=ratio,
+            global_pruning=method == "tp-l1-global",
+            round_to=round_to,
+            ignored_layers=[last_linear(m)[1]],
+        )
+        pruner.step()
+        m.zero_grad(set_to_none=True)
+        return m.eval()
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(12):  # the MACs fall as the ratio grows: bisect for the largest model within target
+        mid = (lo + hi) / 2
+        candidate = pruned(mid)
+        if count_macs(candidate, example).total_macs / total <= target:
+            best, hi = candidate, mid
+        else:
+            lo = mid
+    return best if best is not None else pruned(hi)
+
+
+def plain_finetune(
+    model: nn.Module, teacher: nn.Module, loaders: Any, args: argparse.Namespace, distill: float, epochs: int
+) -> None:
+    """The peer's fine-tuning: the same optimiser, schedule, batch and distillation as prunekit's."""
+    opt = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=WEIGHT_DECAY
+    )
+    steps_per_epoch = (
+        len(loaders.train) if args.max_steps is None else min(args.max_steps, len(loaders.train))
+    )
+    total = max(1, steps_per_epoch * epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    teacher.eval()
+    for _ in range(epochs):
+        model.train()
+        for i, (x, y) in enumerate(loaders.train):
+            if i >= steps_per_epoch:
+                break
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if distill > 0:
+                with torch.no_grad():
+                    soft = teacher(x)
+                loss = (1 - distill) * loss + distill * distillation_loss(logits, soft)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+
+def run_one(model, spec, loaders, method, target, epochs, seed, distill, args) -> dict[str, Any]:  # noqa: ANN001
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    if method == "prunekit":
+        gated = prunekit.gate(
+            copy.deepcopy(model), spec=spec, config=GateConfig(granularity=args.granularity)
+        )
+        config = FinetuneConfig(
+            target_macs=target,
+            epochs=epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            distill=distill,
+            seed=seed,
+            workers=args.workers,
+            max_steps_per_epoch=args.max_steps,
+            weight_decay=WEIGHT_DECAY,
+        )
+        tuned = prunekit.finetune(gated, loaders.train, loaders.val, config=config)
+        final = prunekit.slim(tuned).model
+    else:
+        final = tp_prune(model, spec, loaders, method, target, args.granularity)
+        plain_finetune(final, model, loaders, args, distill, epochs)
+    acc, _ = evaluate(final, loaders.val, torch.device("cpu"), max_batches=args.eval_batches)
+    example = spec.example_input(1)
+    return {
+        "method": method,
+        "target": target,
+        "epochs": epochs,
+        "seed": seed,
+        "distill": distill,
+        "top1": acc,
+        "macs": count_macs(final, example).total_macs,
+        "params": count_params(final),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def summarise(runs: list[dict[str, Any]], total_macs: int) -> list[dict[str, Any]]:
+    """Mean and spread over seeds for every (method, target, epochs, distill)."""
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        cells.setdefault((r["method"], r["target"], r["epochs"], r["distill"]), []).append(r)
+    rows = []
+    for (method, target, epochs, distill), rs in sorted(cells.items()):
+        accs = [r["top1"] for r in rs]
+        rows.append(
+            {
+                "method": method,
+                "target": target,
+                "epochs": epochs,
+                "distill": distill,
+                "seeds": len(rs),
+                "top1_mean": statistics.mean(accs),
+                "top1_spread": max(accs) - min(accs),
+                "macs_kept": statistics.mean(r["macs"] for r in rs) / total_macs,
+            }
+        )
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    settings = sorted({(r["epochs"], r["distill"]) for r in rows})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    for ax, (epochs, distill) in zip(axes[0], settings, strict=True):
+        for method in METHODS:
+            pts = sorted(
+                (r["macs_kept"], 100 * r["top1_mean"])
+                for r in rows
+                if r["method"] == method and r["epochs"] == epochs and r["distill"] == distill
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        ax.set(title=f"{epochs} epochs, distillation {distill:g}", xlabel="MACs kept", ylabel="top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="/tmp/cifar10")
+    ap.add_argument("--weights", default=str(WEIGHTS), help="state_dict file, or none (random: smoke runs)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--targets", default="0.3,0.5,0.7")
+    ap.add_argument("--epochs", default="2,5")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--distill", default="0,0.7")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--granularity", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    ap.add_argument("--eval-batches", type=int, default=None, help="cap validation batches (smoke runs)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
+    ap.add_argument("--plot", type=Path, default=Path("docs/benchmarks-peers.png"))
+    ap.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    model, spec, loaders = fixture(args)
+    total_macs = count_macs(model, spec.example_input(1)).total_macs
+    baseline = evaluate(model, loaders.val, torch.device("cpu"), max_batches=args.eval_batches)[0]
+    command = "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    runs: list[dict[str, Any]] = []
+    grid = [
+        (float(t), int(e), int(s), float(d))
+        for t in args.targets.split(",")
+        for e in args.epochs.split(",")
+        for d in args.distill.split(",")
+        for s in args.seeds.split(",")
+    ]
+    for target, epochs, seed, distill in grid:
+        for method in methods:
+            runs.append(run_one(model, spec, loaders, method, target, epochs, seed, distill, args))
+            print(json.dumps(runs[-1]), flush=True)
+            rows = summarise(runs, total_macs)
+            doc = {
+                "command": command,
+                "baseline_top1": baseline,
+                "total_macs": total_macs,
+                "torch": torch.__version__,
+                "summary": rows,
+                "runs": runs,
+            }
+            args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    plotted = plot(rows, args.plot)
+    args.doc.write_text(render(doc, args.plot if plotted else None))
+    print(f"wrote {args.out}, {args.doc}" + (f", {args.plot}" if plotted else ""))
+    return 0
+
+
+def render(doc: dict[str, Any], plot_path: Path | None) -> str:
+    lines = [
+        "# Benchmarks: prunekit against Torch-Pruning at equal MACs and equal fine-tuning",
+        "",
+        f"Command: `{doc['command']}` (torch {doc['torch']}). Unpruned top-1: "
+        f"{100 * doc['baseline_top1']:.2f}%, {doc['total_macs'] / 1e6:.2f} M MACs. Means over seeds; "
+        "spread = max - min.",
+        "",
+    ]
+    if plot_path is not None:
+        lines += [f"![top-1 against MACs kept]({plot_path.name})", ""]
+    lines += [
+        "| method | target | epochs | distill | seeds | MACs kept | top-1 mean | spread |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["summary"]:
+        lines.append(
+            f"| {r['method']} | {r['target']:g} | {r['epochs']} | {r['distill']:g} | {r['seeds']} | "
+            f"{r['macs_kept']:.3f} | {100 * r['top1_mean']:.2f}% | {100 * r['top1_spread']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
