@@ -25,6 +25,7 @@ from prunekit.fileio import check_writable
 from prunekit.gates import get_gates, plan_from_gates, remove_gates_
 from prunekit.masking import masked
 from prunekit.measure import count_macs
+from prunekit.modes import training_flags
 from prunekit.parity import Parity
 from prunekit.plan import ChannelPlan, group_widths, is_full
 from prunekit.runtime import Runtime, resolve_runtime
@@ -139,8 +140,9 @@ def slim(
     if plan_given:  # the reference is the plan applied as masks
         with masked(plain, graph, plan):
             parity = verify_slim(plain, slimmed, inputs, rtol)
-    else:  # the reference is the gated model under its decisions
-        parity = verify_slim(ckpt.model.eval(), slimmed, inputs, rtol)
+    else:  # the reference is the gated model under its decisions (its training flags left as they were)
+        with training_flags(ckpt.model):
+            parity = verify_slim(ckpt.model.eval(), slimmed, inputs, rtol)
     original = _original(ckpt, plain)
     slim_report = count_macs(slimmed, spec.example_input())
     keep = plan.unit_mask(graph)
