@@ -330,6 +330,12 @@ def _loaders(
         order["shuffle"] = True
     else:
         order["sampler"] = train_sampler(train)
+    per_epoch = len(order["sampler"]) if "sampler" in order else len(train)  # type: ignore[arg-type]
+    if per_epoch < 2:
+        raise DataError(f"training needs at least 2 images (per process), got {per_epoch}")
+    # a last batch of one example would stop BatchNorm in training ("Expected more than 1 value per
+    # channel"): drop it, and only it (other last batches are kept)
+    order["drop_last"] = per_epoch % batch_size == 1
     return DataLoaders(
         train=DataLoader(train, **order, **common),
         val=DataLoader(

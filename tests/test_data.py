@@ -182,3 +182,29 @@ def test_sampler_slot_orders_the_training_set() -> None:
     first, _ = next(iter(data.train))
     again, _ = next(iter(data.train))
     assert torch.equal(first, again)  # no shuffle: the sampler decides the order
+
+
+@pytest.mark.parametrize(("images", "batch", "batches"), [(7, 3, 2), (6, 5, 1), (5, 64, 1), (8, 3, 3)])
+def test_a_last_training_batch_of_one_is_dropped(
+    tmp_path: Path, images: int, batch: int, batches: int
+) -> None:
+    """BatchNorm cannot train on one example: a remainder of exactly one is dropped, nothing else is."""
+    data = builtin_loaders(input_shape=(3, 28, 28), batch_size=batch)
+    from torch.utils.data import DataLoader, Subset
+
+    from prunekit.data import _loaders
+
+    loaders = _loaders(Subset(data.train.dataset, range(images)), data.val.dataset, ("a",), batch, 0, 0, None)
+    sizes = [len(y) for _, y in loaders.train]
+    assert len(sizes) == batches and min(sizes) > 1
+    assert isinstance(loaders.train, DataLoader)
+
+
+def test_training_needs_two_images() -> None:
+    from torch.utils.data import Subset
+
+    from prunekit.data import _loaders
+
+    data = builtin_loaders(input_shape=(3, 28, 28), batch_size=4)
+    with pytest.raises(DataError, match="at least 2 images"):
+        _loaders(Subset(data.train.dataset, [0]), data.val.dataset, ("a",), 4, 0, 0, None)
