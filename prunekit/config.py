@@ -94,7 +94,8 @@ def _stats(value: Any, name: str, channels: int | None) -> tuple[float, ...] | N
 class ModelSpec:
     """What a model is and what it expects: the one description of a model's identity.
 
-    `source` names where the architecture comes from (a torchvision model name today); None means an
+    `source` names where the architecture comes from (a torchvision name, `module:factory`,
+    `file.py:factory` or `timm:NAME`, see prunekit.models.resolve_source); None means an
     `nn.Module` handed over in memory, which a checkpoint cannot rebuild on its own. Fields left None
     are filled from the source and its weights by `prunekit.models.load_model`; a checkpoint always
     stores a complete spec."""
@@ -177,6 +178,28 @@ def _check(checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+def _check_types(obj: Any) -> None:
+    """Every int, float, bool and str field holds one (a TOML `epochs = 1.5` or `latency = "no"` is
+    an error that names the key, not a value read some other way later)."""
+    for f in fields(obj):
+        declared = str(f.type).replace(" ", "")
+        optional = declared.endswith("|None")
+        base = declared.removesuffix("|None")
+        value = getattr(obj, f.name)
+        if base not in _SIMPLE_TYPES or (optional and value is None):
+            continue
+        if not isinstance(value, _SIMPLE_TYPES[base]) or (isinstance(value, bool) and base != "bool"):
+            raise ConfigError(f"{f.name} must be {'an' if base == 'int' else 'a'} {base}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class GateConfig:
     granularity: int = 8  # channels per gate; surviving widths come out in multiples of it
@@ -186,6 +209,7 @@ class GateConfig:
     init_spread: float = 2.0  # the least important gate starts with its on-logit lowered by this much
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(
             [
                 (self.granularity >= 1, f"granularity must be >= 1, got {self.granularity}"),
@@ -221,6 +245,7 @@ class FinetuneConfig:
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(
             [
                 (
@@ -266,6 +291,7 @@ class SlimConfig:
     rtol: float = 1e-4  # slim vs gated and ONNX vs PyTorch: max |diff| <= rtol * max |reference|
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(
             [
                 (self.export in EXPORTS, f"export must be one of {', '.join(EXPORTS)}, got {self.export}"),
@@ -336,7 +362,9 @@ def parse_run_config(data: dict[str, Any], overrides: dict[str, Any] | None = No
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))} in the config")
     model = _section(data, "model", _MODEL_KEYS)
     if "arch" not in model:
-        raise ConfigError('the config needs [model] arch = "<torchvision model name>"')
+        raise ConfigError(
+            'the config needs [model] arch = "<model source: torchvision name, module:factory, ...>"'
+        )
     ft = dict(data.get("finetune", {}))
     dataset = ft.pop("data", None)
     if dataset is None:

@@ -246,6 +246,8 @@ class DecodedImages(Dataset):
 
         with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes outside the GIL
             images = list(pool.map(load, [p for p, _ in samples], chunksize=256))
+        if len({tuple(t.shape) for t in images}) > 1:  # other aspect ratios: no single tensor
+            raise _Ragged()
         self.samples = list(samples)  # (path, label), as ImageFolder.samples
         self.images = torch.stack(images)
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
@@ -258,6 +260,10 @@ class DecodedImages(Dataset):
         return self.rest(v2.functional.to_image(self.images[index])), int(self.labels[index])
 
 
+class _Ragged(Exception):
+    """The decoded images do not all have one shape (the training decode keeps the aspect ratio)."""
+
+
 def _decoded(dataset: Dataset, parts: tuple[list[Any], list[Any]], input_shape: Shape) -> Dataset:
     """`dataset` (an ImageFolder or a Subset of one) decoded into memory when small enough; else as is."""
     _, h, w = input_shape
@@ -266,7 +272,10 @@ def _decoded(dataset: Dataset, parts: tuple[list[Any], list[Any]], input_shape: 
     if max(h, w) > SMALL_INPUT or len(samples) * 3 * h * w > DECODE_LIMIT_BYTES:
         return dataset
     decode, rest = parts
-    return DecodedImages(samples, v2.Compose(decode), v2.Compose(rest))
+    try:
+        return DecodedImages(samples, v2.Compose(decode), v2.Compose(rest))
+    except _Ragged:
+        return dataset  # decoded every epoch, as the per-image pipeline always does
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -23,8 +23,8 @@ from torch import nn
 
 from prunekit.config import GateConfig
 from prunekit.errors import ConfigError
-from prunekit.graph import ChannelGraph
-from prunekit.masking import mask_hook, with_ones
+from prunekit.graph import ChannelGraph, MaskPoint
+from prunekit.masking import MaskHook, with_ones
 from prunekit.plan import ChannelPlan, plan_from_units
 
 GATES_ATTR = "prunekit_gates"
@@ -195,14 +195,32 @@ def plan_from_gates(graph: ChannelGraph, bank: GateBank) -> ChannelPlan:
     return plan_from_units(graph, bank.unit_activity()[0].bool().tolist())
 
 
-def _pre_hook(bank: GateBank):
-    def hook(_model: nn.Module, args: tuple[Any, ...]) -> None:
+class _GateValues:
+    """Forward pre-hook on the model: the gate values of the forward pass about to run, once."""
+
+    def __init__(self, bank: GateBank) -> None:
+        self.bank = bank
+
+    def __call__(self, _model: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
         batch = x.shape[0] if isinstance(x, torch.Tensor) else 1
+        bank = self.bank
         bank.current = bank.unit_values(bank.gate_values(batch))
         bank.current_ext = with_ones(bank.current)
 
-    return hook
+
+class _GateMask(MaskHook):
+    """Forward hook at a mask point: multiply by the bank's current unit activity. Hooks are objects that
+    hold their bank, so `copy.deepcopy(gated_model)` gives a copy whose hooks read the copy's bank."""
+
+    def __init__(self, point: MaskPoint, bank: GateBank) -> None:
+        super().__init__(point)
+        self.bank = bank
+
+    def unit_values(self) -> torch.Tensor:
+        if self.bank.current_ext is None:
+            raise RuntimeError("gate values requested outside a forward pass")
+        return self.bank.current_ext
 
 
 def insert_gates_(model: nn.Module, graph: ChannelGraph, bank: GateBank) -> nn.Module:
@@ -212,16 +230,9 @@ def insert_gates_(model: nn.Module, graph: ChannelGraph, bank: GateBank) -> nn.M
     if len(bank.layout.unit_gate) != graph.num_units:
         raise ConfigError("the gate layout does not fit this model's channel groups")
     model.add_module(GATES_ATTR, bank)
-
-    def current() -> torch.Tensor:
-        if bank.current_ext is None:
-            raise RuntimeError("gate values requested outside a forward pass")
-        return bank.current_ext
-
-    handles = [model.register_forward_pre_hook(_pre_hook(bank))]
+    model.register_forward_pre_hook(_GateValues(bank))
     for point in graph.mask_points:
-        handles.append(model.get_submodule(point.module).register_forward_hook(mask_hook(point, current)))
-    bank._handles = handles  # type: ignore[attr-defined]  # kept for remove_gates_
+        model.get_submodule(point.module).register_forward_hook(_GateMask(point, bank))
     return model
 
 
@@ -230,9 +241,15 @@ def remove_gates_(model: nn.Module) -> GateBank:
     bank = getattr(model, GATES_ATTR, None)
     if not isinstance(bank, GateBank):
         raise ConfigError("the model has no gates")
-    for h in getattr(bank, "_handles", []):
-        h.remove()
+    # found by type rather than by handle: a deep copy's handles would still point at the original
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [
+                k for k, h in hooks.items() if isinstance(h, (_GateMask, _GateValues)) and h.bank is bank
+            ]:
+                del hooks[key]
     del model._modules[GATES_ATTR]
+    bank.current = bank.current_ext = None
     return bank
 
 

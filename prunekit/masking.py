@@ -8,7 +8,7 @@ exactly zero for every consumer, which is why physical removal can be exact.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -25,26 +25,39 @@ def with_ones(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([values, values.new_ones(values.shape[0], 1)], dim=1)
 
 
-def mask_hook(point: MaskPoint, unit_values: Callable[[], torch.Tensor]) -> Callable:
+class MaskHook:
     """A forward hook multiplying the module's output by the unit activity at each channel position.
 
-    `unit_values()` returns (N, U + 1) activity as made by `with_ones` (1 kept, 0 pruned)."""
-    units = torch.tensor(point.units, dtype=torch.long)
-    index_on: dict[torch.device, torch.Tensor] = {}
+    `unit_values()` returns (N, U + 1) activity as made by `with_ones` (1 kept, 0 pruned). A class, not
+    a closure, so that a deep copy of a model copies its hooks along with what they read."""
 
-    def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
-        values = unit_values()
-        idx = index_on.get(values.device)
+    def __init__(self, point: MaskPoint) -> None:
+        self.point = point
+        self.units = torch.tensor(point.units, dtype=torch.long)
+        self.index_on: dict[torch.device, torch.Tensor] = {}
+
+    def unit_values(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, _m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+        values = self.unit_values()
+        idx = self.index_on.get(values.device)
         if idx is None:
-            idx = index_on[values.device] = torch.where(units >= 0, units, values.shape[1] - 1).to(
-                values.device
-            )
+            idx = torch.where(self.units >= 0, self.units, values.shape[1] - 1).to(values.device)
+            self.index_on[values.device] = idx
         shape = [1] * out.dim()
         shape[0] = values.shape[0]
-        shape[point.axis] = idx.shape[0]
+        shape[self.point.axis] = idx.shape[0]
         return out * values[:, idx].to(out.dtype).view(shape)
 
-    return hook
+
+class _FixedMask(MaskHook):
+    def __init__(self, point: MaskPoint, values: torch.Tensor) -> None:
+        super().__init__(point)
+        self.values = values
+
+    def unit_values(self) -> torch.Tensor:
+        return self.values
 
 
 @contextlib.contextmanager
@@ -52,8 +65,7 @@ def masked(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> Iterator
     """`model` with the plan applied as zero masks at every mask point, for the duration."""
     values = with_ones(torch.tensor(plan.unit_mask(graph), dtype=torch.float32))
     handles = [
-        model.get_submodule(p.module).register_forward_hook(mask_hook(p, lambda: values))
-        for p in graph.mask_points
+        model.get_submodule(p.module).register_forward_hook(_FixedMask(p, values)) for p in graph.mask_points
     ]
     try:
         yield model
@@ -62,4 +74,4 @@ def masked(model: nn.Module, graph: ChannelGraph, plan: ChannelPlan) -> Iterator
             h.remove()
 
 
-__all__ = ["mask_hook", "masked", "with_ones"]
+__all__ = ["MaskHook", "masked", "with_ones"]

@@ -1,6 +1,7 @@
 """Model sources: what builds a model from its name, and its weights from the hub cache or a local file.
 
-`resolve_source` is the one seam where a source string becomes a builder (today: torchvision names).
+`resolve_source` is the one seam where a source string becomes a builder: torchvision names here,
+`module:factory`, `file.py:factory` and `timm:NAME` in prunekit.sources.
 
 prunekit never downloads: torchvision weights must already be in the torch hub cache
 ($TORCH_HOME/hub/checkpoints), otherwise loading fails with the file name it expected.
@@ -25,9 +26,8 @@ from torchvision.models import WeightsEnum
 
 from prunekit.config import ModelSpec
 from prunekit.errors import ConfigError, UnknownModelError, WeightsError, first_line
+from prunekit.sources import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = 224
 TORCHVISION_NUM_CLASSES = 1000  # what get_model builds when num_classes is not given
 
@@ -128,12 +128,18 @@ class TorchvisionSource:
     def build(self, num_classes: int | None = None, **model_args: Any) -> nn.Module:
         """A randomly initialised model in eval mode."""
         kwargs = dict(model_args) | ({} if num_classes is None else {"num_classes": num_classes})
-        with warnings.catch_warnings():
-            # googlenet / inception_v3 warn about a future change of their default initialisation.
-            warnings.filterwarnings(
-                "ignore", message=".*default weight initialization", category=FutureWarning
-            )
-            model = torchvision.models.get_model(self.arch, weights=None, **kwargs)
+        return self._get_model(None, kwargs)
+
+    def _get_model(self, weights: WeightsEnum | None, kwargs: dict[str, Any]) -> nn.Module:
+        if "weights" in kwargs:
+            raise ConfigError("give weights with --weights, not as a model argument")
+        try:
+            with warnings.catch_warnings():
+                # googlenet / inception_v3 warn about a future change of their default initialisation.
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                model = torchvision.models.get_model(self.arch, weights=weights, **kwargs)
+        except (TypeError, ValueError) as exc:  # an argument the builder does not take, or a bad value
+            raise ConfigError(f"{self.arch} does not take {sorted(kwargs)}: {first_line(exc)}") from None
         return model.eval()
 
     def load(self, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
@@ -148,10 +154,10 @@ class TorchvisionSource:
         else:
             source = _resolve_weights(arch, weights)
             if isinstance(source, Path):
-                model, num_classes = _load_local(self, source, num_classes)
+                model, num_classes = _load_local(self, source, num_classes, spec.model_args)
             else:
                 tv_weights = source
-                model = _load_from_hub(self, source)
+                model = _load_from_hub(self, source, spec.model_args)
                 categories = len(source.meta["categories"])
                 if num_classes is not None and num_classes != categories:
                     replace_head_(model, num_classes)
@@ -271,7 +277,7 @@ def _resolve_weights(arch: str, spec: str) -> WeightsEnum | Path:
     raise WeightsError(f"unknown weights {spec!r} for {arch}: use one of {names}, or a state_dict file path")
 
 
-def _load_from_hub(source: TorchvisionSource, weights: WeightsEnum) -> nn.Module:
+def _load_from_hub(source: TorchvisionSource, weights: WeightsEnum, model_args: dict[str, Any]) -> nn.Module:
     arch = source.arch
     path = hub_cache_file(weights)
     if not path.is_file():
@@ -286,7 +292,7 @@ def _load_from_hub(source: TorchvisionSource, weights: WeightsEnum) -> nn.Module
         # inception/googlenet auxiliary heads, ViT image sizes) apply exactly as upstream.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
-            model = torchvision.models.get_model(arch, weights=weights)
+            model = source._get_model(weights, dict(model_args))
     except RuntimeError as err:
         categories = len(weights.meta["categories"])
         reference = source.build(categories)
@@ -297,11 +303,13 @@ def _load_from_hub(source: TorchvisionSource, weights: WeightsEnum) -> nn.Module
     return model.eval()
 
 
-def _load_local(source: TorchvisionSource, path: Path, num_classes: int | None) -> tuple[nn.Module, int]:
+def _load_local(
+    source: TorchvisionSource, path: Path, num_classes: int | None, model_args: dict[str, Any]
+) -> tuple[nn.Module, int]:
     state_dict = _read_state_dict(path)
     if num_classes is None:
         num_classes = _infer_num_classes(source, state_dict) or TORCHVISION_NUM_CLASSES
-    model = source.build(num_classes)
+    model = source.build(num_classes, **model_args)
     problem = mismatch_message(
         f"weights file {path}", f"{source.arch}(num_classes={num_classes})", model, state_dict
     )

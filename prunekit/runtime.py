@@ -107,12 +107,6 @@ class Runtime:
         dist.all_gather_object(out, obj)
         return out
 
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Give every process rank 0's buffers (BatchNorm statistics). Each process updates them with its
         own batches; before an evaluation every process must hold the model rank 0 saves."""

@@ -30,6 +30,7 @@ from prunekit.config import ModelSpec
 from prunekit.errors import ConfigError, UnknownModelError, WeightsError, first_line
 
 TIMM_PREFIX = "timm:"
+# the one copy of ImageNet's statistics (prunekit.models re-exports them)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -71,11 +72,27 @@ def _load_weights(model: nn.Module, path_text: str, built: str) -> None:
 
 
 def _num_classes(model: nn.Module, spec: ModelSpec) -> int:
+    from prunekit.models import check_runs
+
+    check_runs(model, spec)  # a wrong input shape is a one-line error, not the model's traceback
     with torch.no_grad():
         out = model(spec.example_input())
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ConfigError(f"{spec.name} must return logits of shape (batch, classes)")
     return int(out.shape[1])
+
+
+def complete_spec(model: nn.Module, spec: ModelSpec) -> ModelSpec:
+    """`spec` with what a model of one's own leaves open filled in: the normalisation (ImageNet's for
+    RGB, 0.5 for other channel counts) and the class count (read from the model's output)."""
+    if spec.input_shape is None:
+        raise ConfigError(f"the input shape of {spec.name} is unknown: give --input-shape C,H,W")
+    channels = spec.input_shape[0]
+    full = spec.with_defaults(
+        mean=IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
+        std=IMAGENET_STD if channels == 3 else (0.5,) * channels,
+    )
+    return full if full.num_classes is not None else full.with_defaults(num_classes=_num_classes(model, full))
 
 
 class FactorySource:
@@ -156,12 +173,7 @@ class FactorySource:
         model = self.build(spec.num_classes, **spec.model_args)
         if spec.weights is not None:
             _load_weights(model, spec.weights, self.source)
-        channels = spec.input_shape[0]
-        full = spec.with_defaults(
-            mean=IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
-            std=IMAGENET_STD if channels == 3 else (0.5,) * channels,
-        )
-        return model.eval(), full.with_defaults(num_classes=_num_classes(model, full))
+        return model.eval(), complete_spec(model, spec)
 
 
 class TimmSource:

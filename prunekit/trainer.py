@@ -335,10 +335,10 @@ def run_epochs(
     while trainer.epoch < cfg.epochs:
         try:
             history.append(_one_epoch(trainer, train_loader, val_loader, on_step))
+            if on_epoch_end is not None:  # saving and printing: a Ctrl-C there is an interrupt too
+                on_epoch_end(trainer, history[-1])
         except KeyboardInterrupt:
             raise Interrupted() from None
-        if on_epoch_end is not None:
-            on_epoch_end(trainer, history[-1])
     return history
 
 

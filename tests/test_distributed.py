@@ -63,6 +63,17 @@ WORKER = textwrap.dedent(
         real_save(ckpt, path)
 
     stage.save_checkpoint = recording_save
+    real_loaders = stage.data_loaders
+
+    def recording_loaders(*args, **kwargs):
+        loaders = real_loaders(*args, **kwargs)
+        train, val = loaders.train.sampler, loaders.val.sampler
+        (log / f"samplers-rank{rank}.txt").write_text(
+            f"{type(train).__name__} {len(train)} {type(val).__name__} {list(val)[:2]} {len(val)}"
+        )
+        return loaders
+
+    stage.data_loaders = recording_loaders
     config = FinetuneConfig(target_macs=0.5, epochs=2, batch_size=16, workers=0, max_steps_per_epoch=4)
     result = stage.finetune_stage(Path(sys.argv[1]), "builtin", Path(sys.argv[2]), config)
     (log / f"decisions-rank{rank}.txt").write_text(decisions_hash(result.checkpoint.gates.decisions()))
@@ -84,6 +95,14 @@ def test_two_processes_write_once_decide_alike_and_evaluate_exactly(gated: Path,
         "tuned.best.pt",
         "tuned.pt",
     ]
+    # each rank trains on its half of every epoch and evaluates its own shard of the validation set
+    samplers = {p.name: p.read_text().split(" ", 3) for p in log.glob("samplers-*")}
+    assert samplers["samplers-rank0.txt"][:3] == ["DistributedSampler", "3000", "ShardSampler"]
+    assert samplers["samplers-rank1.txt"][:3] == ["DistributedSampler", "3000", "ShardSampler"]
+    assert (
+        samplers["samplers-rank0.txt"][3] == "[0, 2] 500"
+        and samplers["samplers-rank1.txt"][3] == "[1, 3] 500"
+    )
     # the same gate decisions on both ranks
     hashes = {p.name: p.read_text() for p in log.glob("decisions-*")}
     assert len(hashes) == 2 and len(set(hashes.values())) == 1

@@ -45,7 +45,7 @@ def _root(
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    """Prune torchvision classifiers with learned channel gates, slim them physically, export ONNX.
+    """Prune classifiers (torchvision, timm, your own) with learned channel gates, slim them, export ONNX.
 
     Every command takes --json (one JSON document on stdout). Exit codes: 0 success, 2 bad input,
     3 accuracy gate failed, 130 interrupted, 1 a bug in prunekit.

@@ -47,7 +47,8 @@ def report_command(
     target: Annotated[
         str,
         typer.Argument(
-            help="A torchvision model name (see `prunekit models`), a prunekit checkpoint or an .onnx file."
+            help="A model source (torchvision name, module:factory, file.py:factory, timm:NAME), a prunekit "
+            "checkpoint or an .onnx file."
         ),
     ],
     weights: Annotated[

@@ -93,7 +93,7 @@ def gate_command(
 
 
 # finetune option name -> FinetuneConfig field, where they differ
-_FINETUNE_FIELDS = {"lam": "lam", "max_steps": "max_steps_per_epoch"}
+_FINETUNE_FIELDS = {"max_steps": "max_steps_per_epoch"}
 
 
 @app.command("finetune", rich_help_panel=PIPELINE)

@@ -20,8 +20,8 @@ import torch.distributed
 from torch import nn
 
 from prunekit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from prunekit.config import RESUME_MUTABLE, FinetuneConfig
-from prunekit.errors import CheckpointError, ConfigError, Interrupted
+from prunekit.config import RESUME_MUTABLE, FinetuneConfig, ModelSpec
+from prunekit.errors import CheckpointError, ConfigError, Interrupted, TrainingError, first_line
 from prunekit.fileio import check_writable
 from prunekit.gates import GateBank, insert_gates_, remove_gates_
 from prunekit.objective import MacBudget, MacModel
@@ -170,6 +170,10 @@ def prepare_finetune(
     half-trained weights)."""
     runtime = runtime or resolve_runtime(config.device)
     bank = _bank(gated, "the checkpoint")
+    if config.batch_size < 2 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gated.model.modules()
+    ):
+        raise ConfigError("batch_size 1 cannot train BatchNorm layers (one value per channel): use 2 or more")
     plain = _ungated_copy((start or gated).model)
     if config.sync_bn and runtime.distributed:
         _convert_sync_batchnorm(gated, bank, runtime)
@@ -251,11 +255,15 @@ def finetune(
 ) -> FinetuneResult:
     """Train a gated model (a GateResult or a gated Checkpoint) in memory; no file is written.
 
-    The loaders yield (images, labels) batches normalised as the model expects. Returns the trained
-    gated model (decided once `config.decide_at` of the steps have run) with its history."""
+    The model is trained in place, as an optimiser would: the result holds the same module (pass a
+    `copy.deepcopy` to keep the gated one). The loaders yield (images, labels) batches normalised as the
+    model expects. Returns the trained gated model (decided once `config.decide_at` of the steps have
+    run) with its history."""
     ckpt = gated.checkpoint if hasattr(gated, "checkpoint") else gated
     if not isinstance(ckpt, Checkpoint):
         raise ConfigError("finetune() takes a GateResult or a gated Checkpoint (see prunekit.gate)")
+    if ckpt.gates is not None and ckpt.gates.is_decided:
+        raise ConfigError("this model's gates are decided already (it was fine-tuned): gate the model afresh")
     runtime = runtime or resolve_runtime(config.device)
     runtime.seed(config.seed)
     session = prepare_finetune(ckpt, config, len(train_loader), runtime=runtime)
@@ -349,19 +357,29 @@ def finetune_stage(
             raise ConfigError("finetune_stage needs a FinetuneConfig (or resume=True)")
         ckpt, start = load_checkpoint(gated, source=source), None
         _bank(ckpt, str(gated))
-    loaders = data_loaders(data, ckpt, config)
-    return finetune_to_files(
-        ckpt, loaders, data, out, config, start=start, resume=resume, callbacks=callbacks
-    )
+    runtime = resolve_runtime(config.device)
+    try:
+        loaders = data_loaders(data, ckpt.spec, config, runtime)
+        return finetune_to_files(
+            ckpt, loaders, data, out, config, start=start, resume=resume, callbacks=callbacks, runtime=runtime
+        )
+    except torch.distributed.DistError as exc:
+        raise TrainingError(
+            f"rank {runtime.rank}: a collective operation failed, so another process has probably stopped "
+            f"({first_line(exc)}); the last good checkpoint is {out}"
+        ) from exc
+    finally:
+        runtime.close()
 
 
-def data_loaders(data: str, ckpt: Checkpoint, config: FinetuneConfig, runtime: Runtime | None = None) -> Any:
-    """Training and validation loaders for `data`, as the checkpoint's model expects its inputs; under
-    torchrun each process gets its share (`--batch-size` is per process)."""
+def data_loaders(
+    data: str, spec: ModelSpec, config: FinetuneConfig, runtime: Runtime, classes_hint: str = "--num-classes"
+) -> Any:
+    """Training and validation loaders for `data`, as the model `spec` describes expects its inputs;
+    under torchrun each process gets its share (`--batch-size` is per process). `classes_hint`: how the
+    user sets the class count, for the error when the data has another."""
     from prunekit.data import resolve_data
 
-    runtime = runtime or Runtime(torch.device("cpu"))
-    spec = ckpt.spec
     loaders = resolve_data(
         data,
         input_shape=spec.input_shape,  # type: ignore[arg-type]
@@ -377,7 +395,7 @@ def data_loaders(data: str, ckpt: Checkpoint, config: FinetuneConfig, runtime: R
     if loaders.num_classes != spec.num_classes:
         raise ConfigError(
             f"the data has {loaders.num_classes} classes but the model {spec.num_classes}: "
-            f"gate the model with --num-classes {loaders.num_classes}"
+            f"gate the model with {classes_hint} {loaders.num_classes}"
         )
     return loaders
 

@@ -15,13 +15,15 @@ from torch import nn
 
 from prunekit.checkpoint import Checkpoint, save_checkpoint
 from prunekit.config import GateConfig, ModelSpec
+from prunekit.errors import ConfigError
 from prunekit.fileio import check_writable
 from prunekit.gates import GateBank, insert_gates_, make_layout
 from prunekit.graph import ChannelGraph, FrozenChannels, analyze
 from prunekit.measure import count_macs
-from prunekit.models import IMAGENET_MEAN, IMAGENET_STD, check_runs, load_model
+from prunekit.models import check_runs, load_model
 from prunekit.objective import MacModel
 from prunekit.plan import magnitude_scores
+from prunekit.sources import complete_spec
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ def gate(
     Without a spec the normalisation recorded is ImageNet's and the class count is read from the
     model's output."""
     config = config or GateConfig()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.cpu()  # analysed on the CPU (example inputs live there); handed back where it was
     spec = _complete_spec(model, spec, input_shape)
     model.eval()
     check_runs(model, spec)
@@ -105,6 +109,7 @@ def gate(
     graph = analyze(model, x)
     layout = make_layout(graph, config, magnitude_scores(model, graph))
     insert_gates_(model, graph, GateBank(layout, config))
+    model.to(device)
     checkpoint = Checkpoint(spec, model, graph, "gated", extra={"original": original.to_dict()})
     return GateResult(checkpoint, original, int(MacModel(graph).gateable_macs), tuple(graph.frozen))
 
@@ -112,29 +117,13 @@ def gate(
 def _complete_spec(
     model: nn.Module, spec: ModelSpec | None, input_shape: tuple[int, int, int] | None
 ) -> ModelSpec:
-    from prunekit.errors import ConfigError
-
     if spec is None:
         if input_shape is None:
             raise ConfigError("gate() needs input_shape=(C, H, W) (or a spec) to trace the model")
         spec = ModelSpec(source=None, input_shape=input_shape)
     elif input_shape is not None and tuple(input_shape) != spec.input_shape:
         spec = replace(spec, input_shape=input_shape)
-    if spec.complete:
-        return spec
-    if spec.input_shape is None:
-        raise ConfigError(f"the input shape of {spec.name} is unknown: give input_shape=(C, H, W)")
-    channels = spec.input_shape[0]
-    num_classes = spec.num_classes
-    if num_classes is None:
-        with torch.no_grad():
-            out = model.eval()(spec.example_input())
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            raise ConfigError(f"{spec.name} must return logits of shape (batch, classes) to be gated")
-        num_classes = int(out.shape[1])
-    mean = spec.mean or (IMAGENET_MEAN if channels == 3 else (0.5,) * channels)
-    std = spec.std or (IMAGENET_STD if channels == 3 else (0.5,) * channels)
-    return spec.with_defaults(num_classes=num_classes, mean=mean, std=std)
+    return spec if spec.complete else complete_spec(model, spec)
 
 
 def gate_stage(spec: ModelSpec, out: Path, *, config: GateConfig | None = None, seed: int = 0) -> GateResult:

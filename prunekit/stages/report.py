@@ -105,10 +105,10 @@ def _load_report_target(
         return ckpt.model, _with_shape(shown, input_shape)
     from prunekit.models import load_model
 
-    model, spec = load_model(
-        ModelSpec(target, weights=weights, num_classes=num_classes, input_shape=input_shape)
+    spec = ModelSpec(
+        target, weights=weights, num_classes=num_classes, input_shape=input_shape, model_args=model_args
     )
-    return model, spec
+    return load_model(spec)
 
 
 def _with_shape(spec: ModelSpec, input_shape: tuple[int, int, int] | None) -> ModelSpec:

@@ -19,6 +19,7 @@ from prunekit.config import RunConfig
 from prunekit.errors import AccuracyGateError, ConfigError, DataError
 from prunekit.fileio import atomic_write_text
 from prunekit.models import load_model
+from prunekit.runtime import resolve_runtime
 from prunekit.stages.finetune import FinetuneCallbacks, data_loaders, finetune_to_files
 from prunekit.stages.gate import gate
 from prunekit.stages.slim import SlimOutputs, slim, write_slim
@@ -76,13 +77,21 @@ def run_pipeline(
 
     torch.manual_seed(0)  # reproducible random init (no weights, or a fresh head), as `prunekit gate`
     model, spec = load_model(config.model)
+    runtime = resolve_runtime(config.finetune.device)  # one process (torchrun is refused above)
+    # the data is checked against the model before any stage writes a file
+    loaders = data_loaders(config.data, spec, config.finetune, runtime, "[model] num_classes =")
     gated = gate(model, spec=spec, config=config.gates)
     gated.save(files["gated"])
     on_stage("gate", gated)
 
-    loaders = data_loaders(config.data, gated.checkpoint, config.finetune)
     tuned = finetune_to_files(
-        gated.checkpoint, loaders, config.data, files["tuned"], config.finetune, callbacks=callbacks
+        gated.checkpoint,
+        loaders,
+        config.data,
+        files["tuned"],
+        config.finetune,
+        callbacks=callbacks,
+        runtime=runtime,
     )
     on_stage("finetune", tuned)
 

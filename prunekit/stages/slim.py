@@ -130,7 +130,9 @@ def slim(
         plan = plan_from_gates(graph, ckpt.gates)  # type: ignore[arg-type]
     else:
         raise CheckpointError("the checkpoint has no gates: fine-tune it first, or pass a plan")
-    plain = copy.deepcopy(ckpt.model).eval()
+    # everything here runs on the CPU, on copies: a model fine-tuned on a GPU stays where it is
+    source_model = ckpt.model if _device(ckpt.model).type == "cpu" else copy.deepcopy(ckpt.model).cpu()
+    plain = copy.deepcopy(source_model).eval()
     if gated:
         remove_gates_(plain)
     slimmed = slim_(copy.deepcopy(plain), graph, plan).eval()
@@ -141,8 +143,8 @@ def slim(
         with masked(plain, graph, plan):
             parity = verify_slim(plain, slimmed, inputs, rtol)
     else:  # the reference is the gated model under its decisions (its training flags left as they were)
-        with training_flags(ckpt.model):
-            parity = verify_slim(ckpt.model.eval(), slimmed, inputs, rtol)
+        with training_flags(source_model):
+            parity = verify_slim(source_model.eval(), slimmed, inputs, rtol)
     original = _original(ckpt, plain)
     slim_report = count_macs(slimmed, spec.example_input())
     keep = plan.unit_mask(graph)
