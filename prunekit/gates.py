@@ -12,6 +12,7 @@ The sampling is written over a (batch, gates) logit tensor so that an input-depe
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -253,6 +254,14 @@ def remove_gates_(model: nn.Module) -> GateBank:
     return bank
 
 
+def ungated_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` without gates (the copy of a model that has none, as it is)."""
+    plain = copy.deepcopy(model)
+    if get_gates(plain) is not None:
+        remove_gates_(plain)
+    return plain
+
+
 def get_gates(model: nn.Module) -> GateBank | None:
     bank = getattr(model, GATES_ATTR, None)
     return bank if isinstance(bank, GateBank) else None
@@ -270,4 +279,5 @@ __all__ = [
     "plan_from_gates",
     "remove_gates_",
     "sample_gates",
+    "ungated_copy",
 ]

@@ -231,13 +231,13 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
-def check_runs(model: nn.Module, spec: ModelSpec) -> None:
+def check_runs(model: nn.Module, spec: ModelSpec) -> Any:
     """A user's input shape can be too small for the architecture (or fixed by it, as for ViTs): say so
-    in one line instead of failing deep inside analysis with a traceback."""
+    in one line instead of failing deep inside analysis with a traceback. Returns the model's output."""
     x = spec.example_input()
     try:
         with torch.no_grad():
-            model(x)
+            return model(x)
     except (RuntimeError, AssertionError, ValueError) as exc:
         size = "x".join(str(d) for d in x.shape[1:])
         raise ConfigError(

@@ -147,6 +147,11 @@ class Runtime:
         torch.manual_seed(seed + self.rank)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto`: the local rank's CUDA device when there is one, else the CPU."""
     if name not in DEVICES:
@@ -214,6 +219,7 @@ __all__ = [
     "Runtime",
     "ShardSampler",
     "decisions_hash",
+    "model_device",
     "resolve_device",
     "resolve_runtime",
     "shutdown",

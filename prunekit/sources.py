@@ -74,9 +74,7 @@ def _load_weights(model: nn.Module, path_text: str, built: str) -> None:
 def _num_classes(model: nn.Module, spec: ModelSpec) -> int:
     from prunekit.models import check_runs
 
-    check_runs(model, spec)  # a wrong input shape is a one-line error, not the model's traceback
-    with torch.no_grad():
-        out = model(spec.example_input())
+    out = check_runs(model, spec)  # a wrong input shape is a one-line error, not the model's traceback
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ConfigError(f"{spec.name} must return logits of shape (batch, classes)")
     return int(out.shape[1])

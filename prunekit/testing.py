@@ -32,9 +32,10 @@ def calibrate_batchnorm_(
     """Re-estimate BatchNorm statistics on random inputs, so an untrained model gives outputs of a sensible
     scale in eval mode (mobilenet_v3_small with weights=None outputs ~1e-9 otherwise). The model is left
     in eval mode."""
+    from prunekit.runtime import model_device
     from prunekit.trainer import recalibrate_batchnorm
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     data = [(torch.randn(batch_size, *input_shape), None) for _ in range(batches)]
     recalibrate_batchnorm(model, data, device, batches)
     return model.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ def test_report_passes_model_args_to_the_factory() -> None:
             ],
         )
         assert result.exit_code == 0, result.stderr
-        macs[depth] = __import__("json").loads(result.stdout)["macs"]
+        macs[depth] = json.loads(result.stdout)["macs"]
     assert macs[56] > 2.5 * macs[20]
 
 

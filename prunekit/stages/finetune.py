@@ -9,7 +9,6 @@ needs (trainer, teacher, budget) for callers with their own loop: tests and benc
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,9 +22,10 @@ from prunekit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from prunekit.config import RESUME_MUTABLE, FinetuneConfig, ModelSpec
 from prunekit.errors import CheckpointError, ConfigError, Interrupted, TrainingError, first_line
 from prunekit.fileio import check_writable
-from prunekit.gates import GateBank, insert_gates_, remove_gates_
+from prunekit.gates import GateBank, insert_gates_, remove_gates_, ungated_copy
 from prunekit.objective import MacBudget, MacModel
 from prunekit.runtime import Runtime, resolve_runtime
+from prunekit.stages.gate import original_size
 from prunekit.trainer import EpochMetrics, Trainer, evaluate, make_budget, run_epochs
 
 
@@ -133,23 +133,6 @@ class FinetuneSession:
         )
 
 
-def original_macs(ckpt: Checkpoint) -> int:
-    """The ungated model's MACs as the gate stage counted them (counted again only for a checkpoint made
-    without prunekit's gate stage)."""
-    recorded = (ckpt.extra.get("original") or {}).get("macs")
-    if recorded is not None:
-        return int(recorded)
-    from prunekit.measure import count_macs
-
-    return count_macs(_ungated_copy(ckpt.model), ckpt.spec.example_input()).total_macs
-
-
-def _ungated_copy(model: nn.Module) -> nn.Module:
-    plain = copy.deepcopy(model)
-    remove_gates_(plain)
-    return plain
-
-
 def _bank(ckpt: Checkpoint, where: str) -> GateBank:
     bank = ckpt.gates
     if bank is None:
@@ -174,11 +157,11 @@ def prepare_finetune(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gated.model.modules()
     ):
         raise ConfigError("batch_size 1 cannot train BatchNorm layers (one value per channel): use 2 or more")
-    plain = _ungated_copy((start or gated).model)
+    plain = ungated_copy((start or gated).model)
     if config.sync_bn and runtime.distributed:
         _convert_sync_batchnorm(gated, bank, runtime)
     mac_model = MacModel(gated.graph)
-    budget = make_budget(bank, mac_model, original_macs(gated), config.target_macs)
+    budget = make_budget(bank, mac_model, original_size(gated).macs, config.target_macs)
     steps = (
         steps_per_epoch
         if config.max_steps_per_epoch is None

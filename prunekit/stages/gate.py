@@ -17,12 +17,13 @@ from prunekit.checkpoint import Checkpoint, save_checkpoint
 from prunekit.config import GateConfig, ModelSpec
 from prunekit.errors import ConfigError
 from prunekit.fileio import check_writable
-from prunekit.gates import GateBank, insert_gates_, make_layout
+from prunekit.gates import GateBank, insert_gates_, make_layout, ungated_copy
 from prunekit.graph import ChannelGraph, FrozenChannels, analyze
 from prunekit.measure import count_macs
 from prunekit.models import check_runs, load_model
 from prunekit.objective import MacModel
 from prunekit.plan import magnitude_scores
+from prunekit.runtime import model_device
 from prunekit.sources import complete_spec
 
 
@@ -98,7 +99,7 @@ def gate(
     Without a spec the normalisation recorded is ImageNet's and the class count is read from the
     model's output."""
     config = config or GateConfig()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     model.cpu()  # analysed on the CPU (example inputs live there); handed back where it was
     spec = _complete_spec(model, spec, input_shape)
     model.eval()
@@ -112,6 +113,16 @@ def gate(
     model.to(device)
     checkpoint = Checkpoint(spec, model, graph, "gated", extra={"original": original.to_dict()})
     return GateResult(checkpoint, original, int(MacModel(graph).gateable_macs), tuple(graph.frozen))
+
+
+def original_size(ckpt: Checkpoint) -> OriginalSize:
+    """The ungated model's size as the gate stage recorded it (counted again only for a checkpoint
+    made without prunekit's gate stage)."""
+    recorded = ckpt.extra.get("original")
+    if recorded:
+        return OriginalSize(int(recorded["macs"]), int(recorded["params"]))
+    report = count_macs(ungated_copy(ckpt.model), ckpt.spec.example_input())
+    return OriginalSize(report.total_macs, report.params)
 
 
 def _complete_spec(
@@ -136,4 +147,4 @@ def gate_stage(spec: ModelSpec, out: Path, *, config: GateConfig | None = None, 
     return result
 
 
-__all__ = ["GateResult", "OriginalSize", "gate", "gate_stage"]
+__all__ = ["GateResult", "OriginalSize", "gate", "gate_stage", "original_size"]

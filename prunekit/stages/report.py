@@ -3,7 +3,7 @@ an ONNX file. Library functions returning typed reports; the CLI only renders th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +98,14 @@ def _load_report_target(
         ckpt = load_checkpoint(Path(target), source=source)
         if get_gates(ckpt.model) is not None:
             remove_gates_(ckpt.model)
-        spec = ckpt.spec
-        shown = ModelSpec(
-            spec.source, f"{target} ({ckpt.stage})", spec.num_classes, spec.input_shape, spec.mean, spec.std
-        )
-        return ckpt.model, _with_shape(shown, input_shape)
+        shown = replace(ckpt.spec, weights=f"{target} ({ckpt.stage})")
+        return ckpt.model, shown if input_shape is None else replace(shown, input_shape=input_shape)
     from prunekit.models import load_model
 
     spec = ModelSpec(
         target, weights=weights, num_classes=num_classes, input_shape=input_shape, model_args=model_args
     )
     return load_model(spec)
-
-
-def _with_shape(spec: ModelSpec, input_shape: tuple[int, int, int] | None) -> ModelSpec:
-    if input_shape is None:
-        return spec
-    from dataclasses import replace
-
-    return replace(spec, input_shape=input_shape)
 
 
 def _report_onnx(

@@ -22,14 +22,14 @@ from prunekit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from prunekit.config import DEFAULT_OPSET, ModelSpec, SlimConfig
 from prunekit.errors import CheckpointError, ConfigError, VerificationError
 from prunekit.fileio import check_writable
-from prunekit.gates import get_gates, plan_from_gates, remove_gates_
+from prunekit.gates import get_gates, plan_from_gates, ungated_copy
 from prunekit.masking import masked
 from prunekit.measure import count_macs
 from prunekit.modes import training_flags
 from prunekit.parity import Parity
 from prunekit.plan import ChannelPlan, group_widths, is_full
-from prunekit.runtime import Runtime, resolve_runtime
-from prunekit.stages.gate import OriginalSize
+from prunekit.runtime import Runtime, model_device, resolve_runtime
+from prunekit.stages.gate import OriginalSize, original_size
 from prunekit.surgery import slim_, verify_slim
 from prunekit.trainer import evaluate
 
@@ -48,7 +48,8 @@ class SlimResult:
     accuracy: dict[str, float | None] | None = None  # {"slim": ..., "original": ...} on the given data
     onnx: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # what the file stage wrote: checkpoint, plan
+    checkpoint_bytes: int | None = None
     inputs: torch.Tensor | None = field(default=None, repr=False)  # the real inputs it was verified on
 
     @property
@@ -75,12 +76,9 @@ class SlimResult:
         for key in ("accuracy", "onnx", "latency"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
-        if "checkpoint" in self.files:
-            data["checkpoint"] = self.files["checkpoint"]
-        if "plan" in self.files:
-            data["plan"] = self.files["plan"]
-        if "checkpoint_bytes" in self.files:
-            data["checkpoint_bytes"] = int(self.files["checkpoint_bytes"])
+        data |= {k: self.files[k] for k in ("checkpoint", "plan") if k in self.files}
+        if self.checkpoint_bytes is not None:
+            data["checkpoint_bytes"] = self.checkpoint_bytes
         return data
 
 
@@ -91,18 +89,6 @@ def _as_checkpoint(source: Any) -> Checkpoint:
     if ckpt.stage == "slim":
         raise CheckpointError("the model is already slimmed")
     return ckpt
-
-
-def _original(ckpt: Checkpoint, plain: nn.Module) -> OriginalSize:
-    recorded = ckpt.extra.get("original")
-    if recorded:
-        return OriginalSize(int(recorded["macs"]), int(recorded["params"]))
-    report = count_macs(plain, ckpt.spec.example_input())
-    return OriginalSize(report.total_macs, report.params)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def slim(
@@ -131,21 +117,19 @@ def slim(
     else:
         raise CheckpointError("the checkpoint has no gates: fine-tune it first, or pass a plan")
     # everything here runs on the CPU, on copies: a model fine-tuned on a GPU stays where it is
-    source_model = ckpt.model if _device(ckpt.model).type == "cpu" else copy.deepcopy(ckpt.model).cpu()
-    plain = copy.deepcopy(source_model).eval()
-    if gated:
-        remove_gates_(plain)
+    source_model = ckpt.model if model_device(ckpt.model).type == "cpu" else copy.deepcopy(ckpt.model).cpu()
+    plain = ungated_copy(source_model).eval()
     slimmed = slim_(copy.deepcopy(plain), graph, plan).eval()
     if inputs is None:
         inputs = next(iter(val_loader))[0][:8] if val_loader is not None else spec.example_input(4)
-    inputs = inputs.to(_device(plain))
+    inputs = inputs.cpu()
     if plan_given:  # the reference is the plan applied as masks
         with masked(plain, graph, plan):
             parity = verify_slim(plain, slimmed, inputs, rtol)
     else:  # the reference is the gated model under its decisions (its training flags left as they were)
         with training_flags(source_model):
             parity = verify_slim(source_model.eval(), slimmed, inputs, rtol)
-    original = _original(ckpt, plain)
+    original = original_size(ckpt)
     slim_report = count_macs(slimmed, spec.example_input())
     keep = plan.unit_mask(graph)
     predicted = original.macs - graph.macs() + graph.macs(keep)
@@ -164,7 +148,7 @@ def slim(
         predicted_macs=int(predicted),
         parity=parity,
         plan_source="plan" if plan_given else "gates",
-        inputs=inputs.cpu(),
+        inputs=inputs,
     )
     if val_loader is not None:
         result.accuracy = _accuracy(ckpt, plain if plan_given else None, slimmed, val_loader, data, runtime)
@@ -186,9 +170,13 @@ def _accuracy(
     base = ckpt.extra.get("baseline") or {}
     original = base.get("val_acc") if data is not None and base.get("data") == data else None
     if original is None and plain is not None:
-        original = evaluate(copy.deepcopy(plain).to(device), val_loader, device)[0]
-    acc = evaluate(copy.deepcopy(slimmed).to(device), val_loader, device)[0]
-    return {"slim": acc, "original": original}
+        original = evaluate(_on(plain, device), val_loader, device)[0]
+    return {"slim": evaluate(_on(slimmed, device), val_loader, device)[0], "original": original}
+
+
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` itself on the CPU; a copy elsewhere (the result's model stays on the CPU)."""
+    return model if device.type == "cpu" else copy.deepcopy(model).to(device)
 
 
 def export_onnx(
@@ -302,21 +290,14 @@ def write_slim(
                 "size_bytes": os.path.getsize(staged),
             }
             if config.latency:
-                result.latency = _latency_pair(_ungated(reference.model), staged, result.spec, config)
+                result.latency = _latency_pair(ungated_copy(reference.model), staged, result.spec, config)
             ckpt.extra["slim_report"] |= {"onnx": result.onnx, "latency": result.latency}
             save_checkpoint(ckpt, outputs.checkpoint)
     result.files["checkpoint"] = str(outputs.checkpoint)
-    result.files["checkpoint_bytes"] = str(os.path.getsize(outputs.checkpoint))
+    result.checkpoint_bytes = os.path.getsize(outputs.checkpoint)
     if outputs.plan is not None:
         result.plan.save(outputs.plan)
         result.files["plan"] = str(outputs.plan)
-
-
-def _ungated(model: nn.Module) -> nn.Module:
-    plain = copy.deepcopy(model)
-    if get_gates(plain) is not None:
-        remove_gates_(plain)
-    return plain
 
 
 def _val_loader(data: str | None, spec: ModelSpec) -> Any:
