@@ -58,6 +58,10 @@ def parse_input_shape(value: Any) -> tuple[int, int, int]:
     c, h, w = value
     if c < 1 or h < 8 or w < 8:
         raise ConfigError(f"input shape {c},{h},{w} is too small (at least 1 channel and 8x8 pixels)")
+    if c > 1024 or max(h, w) > 16384:
+        raise ConfigError(
+            f"input shape {c},{h},{w} is too large (at most 1024 channels and 16384 pixels a side)"
+        )
     return (c, h, w)
 
 
@@ -90,6 +94,9 @@ def _stats(value: Any, name: str, channels: int | None) -> tuple[float, ...] | N
     return stats
 
 
+MAX_CLASSES = 10**6  # far above any classifier's; a typo beyond it would only fail later, in allocation
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a model is and what it expects: the one description of a model's identity.
@@ -116,8 +123,14 @@ class ModelSpec:
         channels = self.input_shape[0] if self.input_shape else None
         object.__setattr__(self, "mean", _stats(self.mean, "mean", channels))
         object.__setattr__(self, "std", _stats(self.std, "std", channels))
-        if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
-            raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
+        if self.num_classes is not None and (
+            not isinstance(self.num_classes, int)
+            or isinstance(self.num_classes, bool)
+            or not 1 <= self.num_classes <= MAX_CLASSES
+        ):
+            raise ConfigError(
+                f"num_classes must be an integer from 1 to {MAX_CLASSES}, got {self.num_classes!r}"
+            )
 
     @property
     def name(self) -> str:
@@ -198,6 +211,14 @@ def _check_types(obj: Any) -> None:
             continue
         if not isinstance(value, _SIMPLE_TYPES[base]) or (isinstance(value, bool) and base != "bool"):
             raise ConfigError(f"{f.name} must be {'an' if base == 'int' else 'a'} {base}, got {value!r}")
+        if base == "float" and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        if base == "int" and not -_INT_LIMIT <= value < _INT_LIMIT:
+            raise ConfigError(f"{f.name} is out of range: {value}")
+
+
+_INT_LIMIT = 2**63  # what torch and numpy take as an integer argument
+SEED_LIMIT = 2**32  # numpy's and DataLoader workers' seeds are 32-bit: seeds are 0 .. 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -243,6 +264,7 @@ class FinetuneConfig:
     amp: bool = True  # bfloat16 autocast on CUDA
     max_steps_per_epoch: int | None = None  # cap (quick runs, tests)
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
+    strict_data: bool = False  # image files that do not decode: an error (default: skipped, with a warning)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -261,6 +283,7 @@ class FinetuneConfig:
                 (0.0 <= self.distill <= 1.0, f"distill must be in [0, 1], got {self.distill}"),
                 (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device}"),
                 (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+                (0 <= self.seed < SEED_LIMIT, f"seed must be in 0 .. {SEED_LIMIT - 1}, got {self.seed}"),
                 (
                     self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
                     f"max_steps_per_epoch must be >= 1, got {self.max_steps_per_epoch}",

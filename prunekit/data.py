@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from prunekit.errors import ConfigError, DataError
+from prunekit.errors import ConfigError, DataError, first_line
 
 BUILTIN = "builtin"
 BUILTIN_INPUT_SHAPE = (3, 32, 32)
@@ -51,10 +55,13 @@ def resolve_data(
     train_sampler: SamplerFactory | None = None,
     val_sampler: SamplerFactory | None = None,
     pin_memory: bool = False,
+    strict: bool = False,
 ) -> DataLoaders:
     """`--data builtin` is the built-in example data; anything else is an ImageFolder root.
 
     For a folder, `mean`/`std` default to ImageNet's; for the built-in data, to its own statistics.
+    Image files that do not decode are skipped with a warning, or are an error with `strict` (see
+    `screen_images`).
     """
     if spec == BUILTIN:
         return builtin_loaders(
@@ -84,6 +91,7 @@ def resolve_data(
         train_sampler=train_sampler,
         val_sampler=val_sampler,
         pin_memory=pin_memory,
+        strict=strict,
     )
 
 
@@ -101,9 +109,11 @@ def image_folder_loaders(
     train_sampler: SamplerFactory | None = None,
     val_sampler: SamplerFactory | None = None,
     pin_memory: bool = False,
+    strict: bool = False,
 ) -> DataLoaders:
     """Loaders for `root/train` + `root/val` (or `root/test`), or for one ImageFolder `root` split per
-    class into train/val by `val_fraction` (seeded). Images are read as RGB (grayscale for 1 channel)."""
+    class into train/val by `val_fraction` (seeded). Images are read as RGB (grayscale for 1 channel).
+    Files that do not decode are skipped with a warning (an error with `strict`): `screen_images`."""
     _check_loader_args(input_shape, batch_size, workers)
     root = Path(root).expanduser()
     if not root.exists():
@@ -117,8 +127,8 @@ def image_folder_loaders(
 
     val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
-        train_set = _image_folder(root / "train", train_tf)
-        val_set = _image_folder(val_dir, val_tf)
+        train_set = _image_folder(root / "train", train_tf, strict)
+        val_set = _image_folder(val_dir, val_tf, strict)
         if train_set.classes != val_set.classes:
             only_train = sorted(set(train_set.classes) - set(val_set.classes))
             only_val = sorted(set(val_set.classes) - set(train_set.classes))
@@ -134,14 +144,16 @@ def image_folder_loaders(
         folder = root / "train" if (root / "train").is_dir() else root
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-        full_train = _image_folder(folder, train_tf)
-        full_val = datasets.ImageFolder(folder, transform=val_tf, allow_empty=True)
+        full_train = _image_folder(folder, train_tf, strict)
+        full_val = copy.copy(full_train)  # the same screened files, with the evaluation transform
+        full_val.transform = val_tf
         train_idx, val_idx = stratified_split(full_train.targets, val_fraction, seed)
         if not val_idx:
             raise DataError(f"too few images in {folder} to hold out a validation split")
         classes = tuple(full_train.classes)
         train, val = Subset(full_train, train_idx), Subset(full_val, val_idx)
-    train, val = _decoded(train, train_parts, input_shape), _decoded(val, val_parts, input_shape)
+    train = _decoded(train, train_parts, input_shape, strict)
+    val = _decoded(val, val_parts, input_shape, strict)
     return _loaders(train, val, classes, batch_size, workers, seed, train_sampler, val_sampler, pin_memory)
 
 
@@ -238,14 +250,30 @@ class DecodedImages(Dataset):
     """An image folder decoded once into one uint8 tensor (N, C, H, W); each item then only goes
     through the random (augmentation) and normalising steps, on tensors."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], decode: Any, rest: Any, threads: int = 4) -> None:
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        decode: Any,
+        rest: Any,
+        threads: int = 4,
+        strict: bool = False,
+    ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        def load(path: str) -> torch.Tensor:
-            return decode(datasets.folder.default_loader(path)).as_subclass(torch.Tensor)
+        def load(path: str) -> torch.Tensor | str:
+            try:
+                return decode(datasets.folder.default_loader(path)).as_subclass(torch.Tensor)
+            except UNREADABLE as exc:  # passed the header check, fails in the full decode (truncated)
+                return first_line(exc)
 
         with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes outside the GIL
-            images = list(pool.map(load, [p for p, _ in samples], chunksize=256))
+            loaded = list(pool.map(load, [p for p, _ in samples], chunksize=256))
+        failed = [(p, r) for (p, _), r in zip(samples, loaded, strict=True) if isinstance(r, str)]
+        if failed:
+            _unreadable(failed, strict, "")
+            samples = [s for s, r in zip(samples, loaded, strict=True) if not isinstance(r, str)]
+            loaded = [r for r in loaded if not isinstance(r, str)]
+        images: list[torch.Tensor] = loaded  # type: ignore[assignment]
         if len({tuple(t.shape) for t in images}) > 1:  # other aspect ratios: no single tensor
             raise _Ragged()
         self.samples = list(samples)  # (path, label), as ImageFolder.samples
@@ -264,7 +292,9 @@ class _Ragged(Exception):
     """The decoded images do not all have one shape (the training decode keeps the aspect ratio)."""
 
 
-def _decoded(dataset: Dataset, parts: tuple[list[Any], list[Any]], input_shape: Shape) -> Dataset:
+def _decoded(
+    dataset: Dataset, parts: tuple[list[Any], list[Any]], input_shape: Shape, strict: bool = False
+) -> Dataset:
     """`dataset` (an ImageFolder or a Subset of one) decoded into memory when small enough; else as is."""
     _, h, w = input_shape
     base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
@@ -273,7 +303,7 @@ def _decoded(dataset: Dataset, parts: tuple[list[Any], list[Any]], input_shape: 
         return dataset
     decode, rest = parts
     try:
-        return DecodedImages(samples, v2.Compose(decode), v2.Compose(rest))
+        return DecodedImages(samples, v2.Compose(decode), v2.Compose(rest), strict=strict)
     except _Ragged:
         return dataset  # decoded every epoch, as the per-image pipeline always does
 
@@ -293,6 +323,82 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
     return sorted(train_idx), sorted(val_idx)
 
 
+# -- images that do not decode ----------------------------------------------------------------------
+#
+# Policy: one pass before any training opens every image file of the folders (its header; with
+# `strict`, a full decode). Files that are missing (a broken link), empty, unreadable or not images are
+# listed: by default they are skipped with a warning that gives their count and the first few paths;
+# with `strict` (--strict-data) they are an error. A file that passes the header check but fails to
+# decode later (a truncated JPEG) is replaced by the next image of its split, with a warning, or with
+# `strict` (whose pass decodes fully) cannot occur. Either way no epoch ever stops on a bad file.
+
+# what PIL and the file system raise for a file that is not a readable image
+UNREADABLE: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError)
+_SHOWN = 3  # paths named in a warning or error
+
+
+def screen_images(
+    paths: Sequence[str], *, full_decode: bool = False, threads: int = 8
+) -> list[tuple[str, str]]:
+    """(path, reason) for each file of `paths` that is missing, empty or does not open as an image
+    (its header; with `full_decode`, its pixels too)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(path: str) -> str | None:
+        try:
+            if os.stat(path).st_size == 0:
+                return "empty file"
+            with Image.open(path) as image:
+                if full_decode:
+                    image.load()
+        except FileNotFoundError:
+            return "missing (a broken link?)"
+        except UNREADABLE as exc:
+            return first_line(exc)
+        return None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # I/O and PIL's decoders release the GIL
+        reasons = list(pool.map(check, paths, chunksize=256))
+    return [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+
+
+def _unreadable(bad: Sequence[tuple[str, str]], strict: bool, where: str) -> None:
+    shown = "; ".join(f"{p} ({r})" for p, r in bad[:_SHOWN])
+    more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+    if strict:
+        raise DataError(
+            f"{len(bad)} image file(s){where} do not decode: {shown}{more} (drop --strict-data to skip them)"
+        )
+    warn(f"skipped {len(bad)} image file(s){where} that do not decode: {shown}{more}")
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, from the primary process only (under torchrun every process loads data)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class TolerantImageFolder(datasets.ImageFolder):
+    """An ImageFolder whose items never stop an epoch: an image that fails to decode (after passing
+    the screening) is replaced by the next one of the split, with a warning (an error with `strict`)."""
+
+    def __init__(self, *args: Any, strict: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.strict = strict
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except UNREADABLE as exc:
+                path = self.samples[i][0]
+                if self.strict:
+                    raise DataError(f"{path} does not decode ({first_line(exc)})") from None
+                warn(f"skipped {path}: it does not decode ({first_line(exc)}); the next image stands in")
+        raise DataError(f"no image of {self.root} decodes")
+
+
 # -- internals ---------------------------------------------------------------------------------------------
 
 
@@ -301,14 +407,21 @@ def _to_normalised(input_shape: Shape, mean: Stats, std: Stats) -> list[Any]:
     return [*channels, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
-def _image_folder(root: Path, transform: Any) -> datasets.ImageFolder:
+def _image_folder(root: Path, transform: Any, strict: bool = False) -> datasets.ImageFolder:
     if not any(p.is_dir() for p in root.iterdir()):
         raise DataError(f"no class subfolders in {root}: expected {root}/<class>/<image files>")
     try:
         # allow_empty so we can name the empty classes ourselves instead of torchvision's long message.
-        dataset = datasets.ImageFolder(root, transform=transform, allow_empty=True)
-    except FileNotFoundError as err:
+        dataset = TolerantImageFolder(root, transform=transform, allow_empty=True, strict=strict)
+    except (FileNotFoundError, PermissionError) as err:
         raise DataError(f"cannot read {root} as an image folder: {err}") from None
+    bad = screen_images([p for p, _ in dataset.samples], full_decode=strict)
+    if bad:
+        _unreadable(bad, strict, f" in {root}")
+        drop = {p for p, _ in bad}
+        dataset.samples = [s for s in dataset.samples if s[0] not in drop]
+        dataset.imgs = dataset.samples
+        dataset.targets = [t for _, t in dataset.samples]
     if not dataset.samples:
         extensions = ", ".join(datasets.folder.IMG_EXTENSIONS[:4])
         raise DataError(f"no images in {root} (looked for {extensions}, ...)")

@@ -54,13 +54,31 @@ class AccuracyGateError(PrunekitError):
     exit_code = 3
 
 
+class WriteError(PrunekitError):
+    """An output could not be written: a full disk, a read-only or special file system, a bad path.
+    Whatever was at the path before is left as it was."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how CI systems cancel a job), raised in the main thread by the CLI's handler. A subclass
+    of KeyboardInterrupt, so every path that cleans up after Ctrl-C cleans up after it too."""
+
+
 class Interrupted(PrunekitError):
-    """Ctrl-C during training; the fine-tune stage saves a resumable checkpoint first."""
+    """Ctrl-C (exit code 130) or SIGTERM (exit code 143, 128 + the signal number, the shell convention)
+    during a command. Fine-tuning leaves a resumable checkpoint first, and `message` says where."""
 
-    exit_code = 130
+    def __init__(self, terminated: bool = False, message: str = "") -> None:
+        self.terminated = terminated
+        self.exit_code = 143 if terminated else 130
+        cause = "terminated (SIGTERM)" if terminated else "interrupted"
+        super().__init__(f"{cause}{'; ' + message if message else ''}")
 
-    def __init__(self) -> None:
-        super().__init__("interrupted")
+    @classmethod
+    def of(cls, exc: BaseException, message: str = "") -> Interrupted:
+        """The Interrupted for a KeyboardInterrupt (a Terminated one for SIGTERM) or another Interrupted."""
+        terminated = isinstance(exc, Terminated) or bool(getattr(exc, "terminated", False))
+        return cls(terminated, message)
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:

@@ -118,6 +118,8 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "rng": torch.get_rng_state(),
             "rng_per_rank": self.runtime.gather(torch.get_rng_state()),  # a collective under torchrun
+            # the Gumbel noise of gates on a GPU comes from the device's generator
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -134,6 +136,8 @@ class Trainer:
             )
         rng = per_rank[self.runtime.rank]
         torch.set_rng_state(rng.cpu() if isinstance(rng, torch.Tensor) else rng)
+        if state.get("cuda_rng") is not None and self.device.type == "cuda" and not self.runtime.distributed:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
 
     # -- gates ----------------------------------------------------------------------------------
     def tau(self) -> float:
@@ -212,8 +216,7 @@ class Trainer:
                 loss = loss + cfg.lam * act
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"non-finite loss at epoch {self.epoch + 1}, step {i + 1}: lower --lr / --gate-lr "
-                    "(the last good checkpoint is kept)"
+                    f"non-finite loss at epoch {self.epoch + 1}, step {i + 1}: lower --lr / --gate-lr"
                 )
             self.opt.zero_grad(set_to_none=True)
             self.gate_opt.zero_grad(set_to_none=True)
@@ -337,8 +340,8 @@ def run_epochs(
             history.append(_one_epoch(trainer, train_loader, val_loader, on_step))
             if on_epoch_end is not None:  # saving and printing: a Ctrl-C there is an interrupt too
                 on_epoch_end(trainer, history[-1])
-        except KeyboardInterrupt:
-            raise Interrupted() from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under the CLI (a Terminated)
+            raise Interrupted.of(exc) from None
     return history
 
 

@@ -383,9 +383,11 @@ def test_interrupt_then_resume(
     monkeypatch.setattr(Trainer, "train_one_epoch", interrupted_second)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130, (result.stdout, result.stderr)
-    assert result.stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: interrupted; resume from {out} (after epoch 1) with `prunekit finetune ... --resume`"
+    )
     assert result.stdout == ""
-    assert Interrupted().exit_code == 130
+    assert Interrupted().exit_code == 130 and Interrupted(terminated=True).exit_code == 143
 
     saved = read_checkpoint_data(out)
     training = saved["training"]

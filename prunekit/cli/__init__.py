@@ -13,15 +13,54 @@ this root merges with `add_typer`; they import `common` and `render`, never this
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from prunekit import __version__
 from prunekit.cli import inspect, pipeline
+from prunekit.cli.common import BROKEN_PIPE_EXIT, one_line, silence_stdout
+
+
+class OneLineErrors(TyperGroup):
+    """Click's own usage errors (an out-of-range `--granularity 0`, an unknown option, a bad choice) in
+    prunekit's format: one `error:` line on stderr and exit code 2, instead of a multi-line box."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except SystemExit as exc:
+            if isinstance(exc.__context__, BrokenPipeError):  # Typer/rich printing help into a closed pipe
+                silence_stdout()
+                sys.exit(BROKEN_PIPE_EXIT)
+            raise
+        except typer.Abort:  # Ctrl-C while Click itself was reading input
+            print("error: interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
+        except typer.TyperException as exc:  # Typer's (vendored) Click errors: usage and bad values
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            print(f"error: {one_line(message)}{where}", file=sys.stderr, flush=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="prunekit",
+    cls=OneLineErrors,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from prunekit.errors import ConfigError, PrunekitError
+from prunekit.errors import ConfigError, Interrupted, PrunekitError, Terminated
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,18 +77,63 @@ def is_primary_process() -> bool:
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:
     """Decorate every command with this (under `@app.command`): a PrunekitError prints one line on
-    stderr and exits with its exit code; anything else propagates as the bug it is."""
+    stderr and exits with its exit code; Ctrl-C and SIGTERM are Interrupted (130, 143); a reader that
+    closes the pipe early (`prunekit models | head`) ends the command quietly with 141, as a SIGPIPE
+    would; anything else propagates as the bug it is (exit code 1)."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                try:
+                    return command(*args, **kwargs)
+                except KeyboardInterrupt as exc:
+                    raise Interrupted.of(exc) from None
         except PrunekitError as err:
-            message = " ".join(str(err).split()) or type(err).__name__
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(str(err)) or type(err).__name__}", file=sys.stderr, flush=True)
             raise typer.Exit(err.exit_code) from None
+        except BrokenPipeError:
+            silence_stdout()
+            raise typer.Exit(BROKEN_PIPE_EXIT) from None
 
     return wrapper
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+def one_line(text: str) -> str:
+    """`text` on one line. An error re-raised from a DataLoader worker carries the worker's traceback
+    in its message; only the original message (its last line, without the exception's name) is kept."""
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(text.split())
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered for a closed pipe (at exit)
+    raises nothing (the Python documentation's recipe for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, so it
+    saves and cleans up exactly as Ctrl-C does. Elsewhere (a non-main thread) signals stay as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def input_shape(text: str | None) -> tuple[int, int, int] | None:

@@ -143,6 +143,14 @@ def finetune_command(
     max_steps: Annotated[int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")] = FT[
         "max_steps_per_epoch"
     ],
+    strict_data: Annotated[
+        bool,
+        typer.Option(
+            "--strict-data",
+            help="Image files that do not decode are an error (checked by decoding every file before "
+            "training); by default they are skipped with a warning.",
+        ),
+    ] = FT["strict_data"],
     source: SourceOption = None,
     resume: Annotated[
         bool,

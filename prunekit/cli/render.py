@@ -33,7 +33,14 @@ def console(file: TextIO | None = None) -> Console:
     """A console on `file` (default: the current sys.stdout): colour and terminal width only on a tty."""
     file = sys.stdout if file is None else file
     tty = hasattr(file, "isatty") and file.isatty()
-    return Console(file=file, width=None if tty else NON_TTY_WIDTH, highlight=False)
+    return _Console(file=file, width=None if tty else NON_TTY_WIDTH, highlight=False)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with 1 here, the code prunekit keeps for bugs; let the command's wrapper end it as
+        # a closed pipe (exit code 141)
+        raise BrokenPipeError()
 
 
 def stderr_console() -> Console:

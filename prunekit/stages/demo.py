@@ -18,7 +18,7 @@ from prunekit.config import FinetuneConfig, GateConfig, ModelSpec, RunConfig, Sl
 from prunekit.fileio import atomic_path
 from prunekit.runtime import resolve_device
 from prunekit.stages.finetune import FinetuneCallbacks
-from prunekit.stages.run import run_pipeline
+from prunekit.stages.run import run_dir, run_pipeline
 from prunekit.trainer import evaluate
 
 DEMO_ARCH = "resnet18"
@@ -92,7 +92,7 @@ def run_demo(
     on_stage: Callable[[str, Any], None] | None = None,
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir(out_dir)  # a file in the way, or an unwritable place, stops the demo before it trains
     weights = out_dir / "pretrained.pth"
     pre = pretrain(weights, epochs=pretrain_epochs, on_epoch=on_pretrain)
     report = run_pipeline(demo_config(weights, finetune_epochs=finetune_epochs), out_dir, callbacks, on_stage)

@@ -9,6 +9,7 @@ needs (trainer, teacher, budget) for callers with their own loop: tests and benc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,11 +21,11 @@ from torch import nn
 
 from prunekit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from prunekit.config import RESUME_MUTABLE, FinetuneConfig, ModelSpec
-from prunekit.errors import CheckpointError, ConfigError, Interrupted, TrainingError, first_line
+from prunekit.errors import CheckpointError, ConfigError, Interrupted, TrainingError, WriteError, first_line
 from prunekit.fileio import check_writable
 from prunekit.gates import GateBank, insert_gates_, remove_gates_, ungated_copy
 from prunekit.objective import MacBudget, MacModel
-from prunekit.runtime import Runtime, resolve_runtime
+from prunekit.runtime import Runtime, resolve_runtime, unwrap
 from prunekit.stages.gate import original_size
 from prunekit.trainer import EpochMetrics, Trainer, evaluate, make_budget, run_epochs
 
@@ -281,40 +282,100 @@ def resumed_config(saved: FinetuneConfig, overrides: dict[str, Any], epochs_done
     return replace(saved, **changes)
 
 
-def _epoch_saver(out: Path, loaders: Any) -> AfterEpoch:
-    """Save the last checkpoint every epoch (resumable unless finished) and the best decided one within
-    the budget; only the primary process writes."""
-    best_acc = -1.0
+class _EpochSaver:
+    """Checkpoints of the file stage, written by the primary process only.
 
-    def save(session: FinetuneSession, result: FinetuneResult, interrupted: bool) -> None:
-        nonlocal best_acc
-        tr, history = session.trainer, result.history
-        if interrupted and session.runtime.distributed:
-            # the other processes stop at their own point: no collective can gather their state now,
-            # so the last epoch's checkpoint stays the one to resume from
+    Every epoch end writes the last checkpoint at `out` (resumable unless the run is finished) and the
+    best decided one within the budget beside it. The resumable state is always that of an epoch
+    boundary: an interrupt (Ctrl-C, SIGTERM) in the middle of an epoch writes nothing new, so `--resume`
+    repeats exactly what the uninterrupted run does from there. An interrupt before the first epoch
+    ends writes the state at the start, kept in memory for that. Weights that are no longer finite are
+    never written as the last good or the best checkpoint.
+    """
+
+    def __init__(self, out: Path, loaders: Any, resumed_epoch: int | None) -> None:
+        self.out, self.loaders = out, loaders
+        self.best_acc = -1.0
+        self.saved_epoch = resumed_epoch  # epoch of the boundary checkpoint at `out`, if any
+        self.start: dict[str, Any] | None = None
+
+    def remember_start(self, session: FinetuneSession) -> None:
+        """Keep the starting state in memory (for an interrupt in the first epoch of a fresh run)."""
+        if self.saved_epoch is not None:
             return
-        finished = tr.epoch >= tr.config.epochs and not interrupted
+        tr = session.trainer
+        state = copy.deepcopy(tr.state()) | {"train_loader_rng": self.loaders.train.generator.get_state()}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(tr.model).state_dict().items()}
+        self.start = {"training": state, "weights": weights}
+
+    def where(self) -> str:
+        if self.saved_epoch is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint is {self.out} (after epoch {self.saved_epoch})"
+
+    def __call__(self, session: FinetuneSession, result: FinetuneResult, interrupted: bool) -> None:
+        if interrupted:
+            self._save_start(session, result)
+        else:
+            self._save_epoch(session, result)
+
+    def _checkpoint(
+        self, session: FinetuneSession, result: FinetuneResult, training: Any, history: list[dict[str, Any]]
+    ) -> Checkpoint:
+        c = result.checkpoint
+        extra = c.extra | {"finetune": session.trainer.config.to_dict(), "budget": session.budget.to_dict()}
+        return Checkpoint(
+            c.spec, c.model, c.graph, "finetuned", history=history, training=training, extra=extra
+        )
+
+    def _save_epoch(self, session: FinetuneSession, result: FinetuneResult) -> None:
+        tr, history = session.trainer, result.history
+        finished = tr.epoch >= tr.config.epochs
         # every process takes part in gathering the training state (its RNG); rank 0 alone writes
-        state = None if finished else tr.state() | {"train_loader_rng": loaders.train.generator.get_state()}
+        state = (
+            None if finished else tr.state() | {"train_loader_rng": self.loaders.train.generator.get_state()}
+        )
         if not session.runtime.is_primary:
             return
-        if best_acc < 0:
-            best_acc = max((h["val_acc"] for h in history[:-1] if h.get("within_budget")), default=-1.0)
-        c = result.checkpoint
-        extra = c.extra | {"finetune": tr.config.to_dict(), "budget": session.budget.to_dict()}
-        out_ckpt = Checkpoint(
-            c.spec, c.model, c.graph, "finetuned", history=history, training=state, extra=extra
-        )
-        save_checkpoint(out_ckpt, out)
-        result.files["last"] = str(out)
-        last = history[-1] if history and not interrupted else None
-        if last is not None and last["within_budget"] and last["decided"] and last["val_acc"] > best_acc:
-            best_acc = last["val_acc"]
-            save_checkpoint(out_ckpt, best_path(out))
-        if best_path(out).is_file():
-            result.files["best"] = str(best_path(out))
+        bad = _non_finite(tr.model)
+        if bad is not None:
+            raise TrainingError(
+                f"the weights became non-finite in epoch {tr.epoch} ({bad}): lower --lr / --gate-lr; "
+                f"{self.where()}"
+            )
+        if self.best_acc < 0:
+            self.best_acc = max((h["val_acc"] for h in history[:-1] if h.get("within_budget")), default=-1.0)
+        ckpt = self._checkpoint(session, result, state, list(history))
+        try:
+            save_checkpoint(ckpt, self.out)
+        except WriteError as exc:
+            raise WriteError(f"{exc}; {self.where()}") from exc
+        self.saved_epoch = tr.epoch
+        result.files["last"] = str(self.out)
+        last = history[-1] if history else None
+        if last is not None and last["within_budget"] and last["decided"] and last["val_acc"] > self.best_acc:
+            self.best_acc = last["val_acc"]
+            save_checkpoint(ckpt, best_path(self.out))
+        if best_path(self.out).is_file():
+            result.files["best"] = str(best_path(self.out))
 
-    return save
+    def _save_start(self, session: FinetuneSession, result: FinetuneResult) -> None:
+        if self.start is None or self.saved_epoch is not None or not session.runtime.is_primary:
+            return  # the boundary checkpoint at `out` is the one to resume from
+        # the model goes back to its starting weights: the process is ending, and the file must hold
+        # one consistent state (the weights, the optimiser and the RNG of the same moment)
+        unwrap(session.trainer.model).load_state_dict(self.start["weights"])
+        save_checkpoint(self._checkpoint(session, result, self.start["training"], []), self.out)
+        self.saved_epoch = 0
+        result.files["last"] = str(self.out)
+
+
+def _non_finite(model: nn.Module) -> str | None:
+    """The name of the first floating tensor of `model`'s state with a NaN or an infinity, else None."""
+    for name, tensor in unwrap(model).state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def finetune_stage(
@@ -374,6 +435,7 @@ def data_loaders(
         train_sampler=runtime.train_sampler(config.seed),
         val_sampler=runtime.eval_sampler(),
         pin_memory=runtime.device.type == "cuda",
+        strict=config.strict_data,
     )
     if loaders.num_classes != spec.num_classes:
         raise ConfigError(
@@ -407,8 +469,20 @@ def finetune_to_files(
         baseline = Baseline(**ckpt.extra["baseline"])
     else:
         baseline = session.evaluate_baseline(loaders.val, data)
-    saver = _epoch_saver(out, loaders)
-    return _train(session, loaders.train, loaders.val, baseline, callbacks or FinetuneCallbacks(), saver)
+    saver = _EpochSaver(out, loaders, int(ckpt.training["epoch"]) if resume else None)  # type: ignore[index]
+    saver.remember_start(session)
+    try:
+        return _train(session, loaders.train, loaders.val, baseline, callbacks or FinetuneCallbacks(), saver)
+    except Interrupted as exc:
+        if saver.saved_epoch is None:
+            raise
+        raise Interrupted.of(
+            exc, f"resume from {out} (after epoch {saver.saved_epoch}) with `prunekit finetune ... --resume`"
+        ) from None
+    except TrainingError as exc:
+        if "checkpoint is" in str(exc):
+            raise
+        raise TrainingError(f"{exc}; {saver.where()}") from exc
 
 
 def _load_resumed(

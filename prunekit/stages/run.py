@@ -17,10 +17,10 @@ import torch
 
 from prunekit.config import RunConfig
 from prunekit.errors import AccuracyGateError, ConfigError, DataError
-from prunekit.fileio import atomic_write_text
+from prunekit.fileio import atomic_write_text, check_writable, remove_stale_temporaries
 from prunekit.models import load_model
 from prunekit.runtime import resolve_runtime
-from prunekit.stages.finetune import FinetuneCallbacks, data_loaders, finetune_to_files
+from prunekit.stages.finetune import FinetuneCallbacks, best_path, data_loaders, finetune_to_files
 from prunekit.stages.gate import gate
 from prunekit.stages.slim import SlimOutputs, slim, write_slim
 
@@ -36,12 +36,32 @@ RUN_FILES = {
 OnStage = Callable[[str, Any], None]
 
 
-def _run_dir(out_dir: Path) -> dict[str, Path]:
+def run_dir(out_dir: Path) -> dict[str, Path]:
+    """Create the run directory (if needed) and check that every file of the run can be written there.
+    Nothing is removed or written yet."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"the run directory {out_dir} exists and is not a directory")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create run directory {out_dir}: {exc.strerror or exc}") from exc
-    return {k: out_dir / v for k, v in RUN_FILES.items()}
+    files = {k: out_dir / v for k, v in RUN_FILES.items()}
+    for path in [*files.values(), best_path(files["tuned"])]:
+        check_writable(path)
+    return files
+
+
+def clear_previous_run(files: dict[str, Path]) -> list[Path]:
+    """Remove the files an earlier run left in this run directory (only the run's own file names, and
+    their hidden temporaries from a killed write): a run directory holds one run's files, never a mix
+    in which report.json could point at a stale model.onnx. Other files there are left alone."""
+    removed = []
+    for path in [*files.values(), best_path(files["tuned"])]:
+        remove_stale_temporaries(path)
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _check_data(data: str) -> None:
@@ -66,7 +86,7 @@ def run_pipeline(
             "prunekit run is one process; under torchrun run `prunekit finetune` (then slim in one process)"
         )
     _check_data(config.data)
-    files = _run_dir(out_dir)
+    files = run_dir(out_dir)
     outputs = SlimOutputs.for_output(
         files["onnx"] if config.slim.export == "onnx" else files["slim"],
         config.slim.export,
@@ -80,6 +100,7 @@ def run_pipeline(
     runtime = resolve_runtime(config.finetune.device)  # one process (torchrun is refused above)
     # the data is checked against the model before any stage writes a file
     loaders = data_loaders(config.data, spec, config.finetune, runtime, "[model] num_classes =")
+    clear_previous_run(files)  # everything is validated: from here on the directory is this run's
     gated = gate(model, spec=spec, config=config.gates)
     gated.save(files["gated"])
     on_stage("gate", gated)
@@ -143,4 +164,4 @@ def _report(
     return report
 
 
-__all__ = ["RUN_FILES", "run_pipeline"]
+__all__ = ["RUN_FILES", "clear_previous_run", "run_dir", "run_pipeline"]
