@@ -76,11 +76,40 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         torch.save(data, tmp)
 
 
+def _sniff(path: Path) -> None:
+    """Name what a file is when it is plainly not a checkpoint, before torch.load guesses."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and head[:2] != b"PK"):
+        raise CheckpointError(
+            f"{path} looks like an ONNX model, not a prunekit checkpoint (`prunekit report` reads ONNX "
+            "files; slim and finetune take the .pt checkpoints of gate and finetune)"
+        )
+
+
+def non_finite_tensor(state_dict: dict[str, Any]) -> str | None:
+    """The name of the first floating tensor holding a NaN or an infinity, else None."""
+    for name, tensor in state_dict.items():
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point()
+            and not torch.isfinite(tensor).all()
+        ):
+            return name
+    return None
+
+
 def read_checkpoint_data(path: Path) -> dict[str, Any]:
     """The raw dict, loaded safely and checked for the format; no model is built."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _sniff(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -133,6 +162,12 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is inconsistent: missing or malformed field {exc}") from exc
+    bad = non_finite_tensor(state_dict) if isinstance(state_dict, dict) else None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN or infinity, first in {bad}): the training that wrote it "
+            "diverged; use an earlier checkpoint or train again with a lower --lr / --gate-lr"
+        )
     missing = [k for k in ("num_classes", "input_shape", "mean", "std") if getattr(spec, k) is None]
     if missing:
         raise CheckpointError(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import io
 import os
 import re
@@ -476,6 +477,19 @@ def _run_exporter(name: str, model: nn.Module, example: torch.Tensor, tmp: Path,
         )
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def _write_failure(exc: BaseException) -> OSError | None:
+    """The OSError of a failed write (a full disk, a size limit) behind `exc`, if there is one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _export_with_fallback(
     model: nn.Module, example: torch.Tensor, tmp: Path, plan: list[tuple[str, int]]
 ) -> tuple[str, float, str | None, tuple[str, ...]]:
@@ -489,6 +503,9 @@ def _export_with_fallback(
                 _run_exporter(name, model, example, tmp, opset)
             _check_written(tmp)
         except Exception as exc:  # noqa: BLE001 - exporters raise anything; summarised below
+            write_failure = _write_failure(exc)
+            if write_failure is not None:  # the file system, not the exporter: another one would fail too
+                raise write_failure from exc
             failures.append(f"{name} exporter: {_summarize(exc, captured.text)}")
             with contextlib.suppress(FileNotFoundError):
                 _sidecar(tmp).unlink()

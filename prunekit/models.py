@@ -50,7 +50,10 @@ class ModelInfo:
     params: int | None  # parameters of the DEFAULT weights' model
     macs: int | None  # torchvision's "_ops" (labelled GFLOPS there, but counted as MACs) x 1e9
     input_size: int
-    cached: bool  # DEFAULT weights present in the hub cache, so loadable offline
+    cached: bool  # DEFAULT weights present (and whole) in the hub cache, so loadable offline
+    cache_damaged: bool = (
+        False  # a file is there but truncated or not a torch file (delete it to re-download)
+    )
 
 
 def list_classification_models() -> list[str]:
@@ -93,6 +96,24 @@ def hub_cache_file(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
+def cache_state(path: Path) -> str:
+    """ "missing", "ok" or "damaged": a torch file is a zip archive (whose directory sits at the end, so
+    a truncated download has none) or, in the legacy format, a pickle; anything else is damaged. This
+    reads a few bytes, not the whole file (torchvision's hash check reads every byte)."""
+    import zipfile
+
+    if not path.is_file():
+        return "missing"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return "damaged"
+    if head == b"PK":
+        return "ok" if zipfile.is_zipfile(path) else "damaged"
+    return "ok" if head[:1] == b"\x80" else "damaged"
+
+
 def model_catalog(filter: str | None = None) -> list[ModelInfo]:
     """Classification models whose name contains `filter` (case-insensitive), with weights metadata."""
     rows = []
@@ -110,7 +131,8 @@ def model_catalog(filter: str | None = None) -> list[ModelInfo]:
                 params=default.meta.get("num_params"),
                 macs=round(ops * 1e9) if ops is not None else None,
                 input_size=default_input_size(name),
-                cached=hub_cache_file(default).is_file(),
+                cached=cache_state(hub_cache_file(default)) == "ok",
+                cache_damaged=cache_state(hub_cache_file(default)) == "damaged",
             )
         )
     return rows

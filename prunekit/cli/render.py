@@ -162,12 +162,12 @@ def render_models(rows: Sequence[ModelInfo], out: Console | None = None) -> None
             human(row.macs) if row.macs is not None else "-",
             human(row.params) if row.params is not None else "-",
             ", ".join(row.weights) or "-",
-            "yes" if row.cached else "no",
+            "yes" if row.cached else ("damaged" if row.cache_damaged else "no"),
         )
     out.print(table)
     out.print(
         "MACs and params from torchvision's metadata for the DEFAULT weights; Cached: DEFAULT weights are "
-        "in the torch hub cache (loadable offline).",
+        "in the torch hub cache (loadable offline); damaged: a truncated file is there (delete it).",
         style="dim",
     )
 

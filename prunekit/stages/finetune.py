@@ -19,7 +19,7 @@ import torch
 import torch.distributed
 from torch import nn
 
-from prunekit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from prunekit.checkpoint import Checkpoint, load_checkpoint, non_finite_tensor, save_checkpoint
 from prunekit.config import RESUME_MUTABLE, FinetuneConfig, ModelSpec
 from prunekit.errors import CheckpointError, ConfigError, Interrupted, TrainingError, WriteError, first_line
 from prunekit.fileio import check_writable
@@ -372,10 +372,7 @@ class _EpochSaver:
 
 def _non_finite(model: nn.Module) -> str | None:
     """The name of the first floating tensor of `model`'s state with a NaN or an infinity, else None."""
-    for name, tensor in unwrap(model).state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
+    return non_finite_tensor(unwrap(model).state_dict())
 
 
 def finetune_stage(

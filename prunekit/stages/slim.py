@@ -308,6 +308,11 @@ def _val_loader(data: str | None, spec: ModelSpec) -> Any:
     loaders = resolve_data(
         data, input_shape=spec.input_shape, mean=spec.mean, std=spec.std, batch_size=64, train_augment=False
     )
+    if loaders.num_classes != spec.num_classes:  # an accuracy over other labels would mean nothing
+        raise ConfigError(
+            f"the data has {loaders.num_classes} classes but the model {spec.num_classes}: "
+            "pass the --data the model was fine-tuned on"
+        )
     return loaders.val
 
 
