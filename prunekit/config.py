@@ -364,9 +364,21 @@ def _section(data: dict[str, Any], name: str, known: set[str], renames: dict[str
     for key, value in raw.items():
         key = (renames or {}).get(key, key).replace("-", "_")
         if key not in known:
-            raise ConfigError(f"unknown key {key!r} in [{name}] (known: {', '.join(sorted(known))})")
+            shown = sorted({_TOML_NAMES.get(k, k) for k in known})
+            hint = _did_you_mean(key, shown)
+            raise ConfigError(f"unknown key {key!r} in [{name}]{hint} (known: {', '.join(shown)})")
         out[key] = value
     return out
+
+
+_TOML_NAMES = {"lam": "lambda"}  # field -> its TOML key (and CLI flag), where they differ
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f": did you mean {close[0]!r}?" if close else ""
 
 
 def _names(cls: type) -> set[str]:
@@ -380,9 +392,13 @@ def parse_run_config(data: dict[str, Any], overrides: dict[str, Any] | None = No
         if value is not None:
             section, key = dotted.split(".")
             data.setdefault(section, {})[key] = value
-    unknown = set(data) - {"model", "gates", "finetune", "slim", "ci"}
+    sections = ["model", "gates", "finetune", "slim", "ci"]
+    unknown = sorted(set(data) - set(sections))
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))} in the config")
+        hint = _did_you_mean(unknown[0], sections)
+        raise ConfigError(
+            f"unknown section [{unknown[0]}] in the config{hint} (sections: {', '.join(sections)})"
+        )
     model = _section(data, "model", _MODEL_KEYS)
     if "arch" not in model:
         raise ConfigError(
@@ -397,6 +413,10 @@ def parse_run_config(data: dict[str, Any], overrides: dict[str, Any] | None = No
     ft_args = _section({"finetune": ft}, "finetune", _names(FinetuneConfig), {"lambda": "lam"})
     ci = _section(data, "ci", {"max_accuracy_drop"})
     drop = ci.get("max_accuracy_drop")
+    if drop is not None and (
+        isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop)
+    ):
+        raise ConfigError(f"max_accuracy_drop must be a finite number of points, got {drop!r}")
     try:
         return RunConfig(
             model=ModelSpec(source=str(model.pop("arch")), model_args=model.pop("args", {}), **model),

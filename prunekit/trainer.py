@@ -234,7 +234,14 @@ class Trainer:
             sums["n"] += n
             if on_step is not None:
                 on_step(
-                    {"step": i + 1, "loss": loss.item(), "b": b.mean().item(), "decided": float(self.decided)}
+                    {
+                        "epoch": self.epoch + 1,
+                        "step": i + 1,
+                        "loss": loss.item(),
+                        "b": b.mean().item(),
+                        "decided": float(self.decided),
+                        "images": n,  # of this process
+                    }
                 )
         if not self.decided and self.step >= self.decide_step:
             self.decide()

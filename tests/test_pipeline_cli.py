@@ -33,7 +33,7 @@ from prunekit.trainer import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 EXE = Path(sys.executable).parent / "prunekit"
-RUN_FILES = ("gated.pt", "tuned.pt", "model.onnx", "model.pt", "plan.json", "report.json")
+RUN_FILES = ("gated.pt", "tuned.pt", "model.onnx", "model.pt", "plan.json", "metrics.csv", "report.json")
 
 
 def prunekit_cli(
@@ -407,14 +407,17 @@ def test_run_writes_every_file_and_a_faithful_report(data10: Path, tmp_path: Pat
 def test_run_accuracy_gate_fails_with_exit_code_3(data10: Path, tmp_path: Path) -> None:
     config = tiny_run_config(tmp_path / "run.toml", data10, export="none")
     out = tmp_path / "run"
-    proc = prunekit_cli("run", config, "--out-dir", out, "--max-accuracy-drop", "-100")
+    proc = prunekit_cli("run", config, "--out-dir", out, "--max-accuracy-drop", "-100", "--json")
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert proc.stdout == ""
+    doc = json.loads(proc.stdout)  # the whole report, on the failure path too: exactly one document
+    assert doc["summary"]["passed"] is False and doc["error"]["exit_code"] == 3
+    assert doc["slim"]["slim"]["macs"] > 0 and doc["error"]["stage"] == "ci"
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0]
     assert "lost" in errors[0] and "report.json" in errors[0]
     report = json.loads((out / "report.json").read_text())
+    assert report == doc
     assert report["summary"]["passed"] is False and report["summary"]["max_accuracy_drop"] == -100
     assert (out / "model.pt").is_file() and not (out / "model.onnx").exists()
 
@@ -423,10 +426,13 @@ def test_run_accuracy_gate_fails_with_exit_code_3(data10: Path, tmp_path: Path) 
 
 
 def assert_user_error(result: Any, *fragments: str) -> str:
-    """Exit code 2, nothing on stdout, exactly one `error: ...` line on stderr, no traceback."""
+    """Exit code 2, nothing on stdout, exactly one `error: ...` line on stderr (the last; progress lines
+    such as `finetune: ...` may come before it), no traceback."""
     assert result.exit_code == 2, (result.stdout, result.stderr)
     assert result.stdout == ""
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("error: ") and sum(x.startswith("error: ") for x in lines) == 1, result.stderr
+    assert all(x.startswith(("error: ", "finetune: ", "run: ")) for x in lines), result.stderr
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr

@@ -28,7 +28,7 @@ from prunekit.cli.common import (
 )
 from prunekit.cli.progress import Progress
 from prunekit.config import FinetuneConfig, GateConfig, SlimConfig, defaults
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, PrunekitError
 
 app = typer.Typer()
 
@@ -163,7 +163,6 @@ def finetune_command(
     json_output: JsonOption = False,
 ) -> None:
     """Train the gates toward a MACs target (and the weights with them); checkpoint every epoch."""
-    from prunekit.stages.finetune import finetune_stage
 
     if not data:
         raise ConfigError("--data is required (an ImageFolder root, or `builtin`)")
@@ -177,7 +176,11 @@ def finetune_command(
         if target_macs is None:
             raise ConfigError("--target-macs is required, e.g. --target-macs 0.5 to keep half the MACs")
         config, overrides = FinetuneConfig(**fields), None
+    # the first line, before importing torch and loading anything (a CI log shows life within a second)
     progress = Progress(json_output, quiet=not is_primary_process())
+    progress.begin("finetune", f"{'resuming ' + str(output) if resume else str(gated)} on {data}")
+    from prunekit.stages.finetune import finetune_stage
+
     try:
         result = finetune_stage(
             gated,
@@ -273,7 +276,6 @@ def run_command(
 ) -> None:
     """Run gate -> finetune -> slim -> export from one config file; write report.json (for CI)."""
     from prunekit.config import load_run_config
-    from prunekit.stages.run import run_pipeline
 
     cfg = load_run_config(
         config,
@@ -284,9 +286,13 @@ def run_command(
             "finetune.epochs": epochs,
         },
     )
-    _run_and_render(
-        lambda progress: run_pipeline(cfg, out_dir, progress.callbacks(), _stage(progress)), json_output
-    )
+
+    def job(progress: Progress) -> dict[str, Any]:
+        from prunekit.stages.run import run_pipeline  # imports torch: after the first line
+
+        return run_pipeline(cfg, out_dir, progress.callbacks(), _stage(progress))
+
+    _run_and_render(job, json_output, ("run", f"{config} into {out_dir} (config checked)"))
 
 
 @app.command("demo", rich_help_panel=PIPELINE)
@@ -317,10 +323,23 @@ def _stage(progress: Progress) -> Any:
     return lambda name, _result: progress.event("stage", stage=name)
 
 
-def _run_and_render(job: Any, json_output: bool) -> None:
+def _run_and_render(job: Any, json_output: bool, begin: tuple[str, str] | None = None) -> None:
+    """Run `job` and print its report. A run that stopped after its first stage began (a failed stage,
+    the accuracy gate, an interrupt) still prints its document with --json, `summary.passed` false and
+    `error` saying where and why, before the one-line error and the exit code."""
     progress = Progress(json_output)
+    if begin is not None:
+        progress.begin(*begin)
     try:
         report = job(progress)
+    except PrunekitError as err:
+        progress.stop()
+        report = getattr(err, "report", None)
+        if report is not None and json_output:
+            render.emit_json(report)
+        elif report is not None and report.get("slim") is not None:  # the accuracy gate: show the numbers
+            render.render_run(report)
+        raise
     finally:
         progress.stop()
     if json_output:

@@ -1,28 +1,69 @@
-"""Training progress on stderr: a rich bar per step on a terminal, one line per epoch otherwise, one
-JSON line per event with --json. The result itself goes to stdout."""
+"""Training progress on stderr: a rich bar per step on a terminal; off a terminal (or with `CI` set in
+the environment, as every CI system sets it), plain lines: one per epoch and a heartbeat every
+HEARTBEAT_S seconds with the step, loss, images/s and ETA, so that a CI job that kills silent steps
+(CircleCI: 10 minutes) sees output during long epochs. With --json, one JSON line per event,
+heartbeats included. The result itself goes to stdout."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from dataclasses import asdict
 from typing import Any
 
 from prunekit.cli import render
 from prunekit.cli.render import pct
 
+HEARTBEAT_S = 30.0  # seconds between heartbeat lines off a terminal (PRUNEKIT_HEARTBEAT_S overrides)
+
+
+def in_ci() -> bool:
+    """`CI` is set (to anything but false/0), as GitHub Actions, GitLab, CircleCI, Jenkins... set it."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def heartbeat_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get("PRUNEKIT_HEARTBEAT_S", HEARTBEAT_S)))
+    except ValueError:
+        return HEARTBEAT_S
+
 
 class Progress:
     def __init__(self, json_lines: bool, quiet: bool = False) -> None:
         self.json_lines = json_lines
         self.quiet = quiet  # the other processes under torchrun: silent unless an error happens
-        self.tty = sys.stderr.isatty() and not json_lines and not quiet
+        self.tty = sys.stderr.isatty() and not json_lines and not quiet and not in_ci()
         self.bar: Any = None
         self.task: Any = None
         self.steps = 0
+        self.epochs = 0
+        self.start_epoch = 0
+        self.heartbeat_s = heartbeat_seconds()
+        self._last_beat = time.monotonic()
+        self._t0 = time.monotonic()
+        self._done = 0  # steps since start
+        self._images = 0
+
+    def begin(self, command: str, text: str) -> None:
+        """The first line, before anything slow (importing torch, loading, evaluating)."""
+        if self.json_lines:
+            self.line(json.dumps({"event": "begin", "command": command, "message": text}))
+        else:
+            self.line(f"{command}: {text}")
+
+    def baseline(self, images: int) -> None:
+        if self.json_lines:
+            self.line(json.dumps({"event": "baseline", "images": images}))
+        else:
+            self.line(f"evaluating the baseline on {images} validation images ...")
 
     def start(self, info: Any) -> None:  # FinetuneStart
         self.steps = int(info.steps_per_epoch)
+        self.epochs, self.start_epoch = int(info.epochs), int(info.start_epoch)
+        self._t0 = self._last_beat = time.monotonic()
         if self.json_lines:
             self.line(json.dumps({"event": "start", **asdict(info)}))
         else:
@@ -48,9 +89,32 @@ class Progress:
             self.task = self.bar.add_task(f"epoch {info.start_epoch + 1}", total=self.steps, info="")
 
     def step(self, s: dict[str, float]) -> None:
+        self._done += 1
+        self._images += int(s.get("images", 0))
         if self.bar is not None:
             state = "decided" if s["decided"] else f"B {s['b']:.3f}"
             self.bar.update(self.task, completed=int(s["step"]), info=f"loss {s['loss']:.3f} {state}")
+            return
+        now = time.monotonic()
+        if now - self._last_beat >= self.heartbeat_s:
+            self._last_beat = now
+            self._heartbeat(s, now - self._t0)
+
+    def _heartbeat(self, s: dict[str, float], elapsed: float) -> None:
+        epoch, step = int(s.get("epoch", 0)), int(s["step"])
+        total = max(0, (self.epochs - self.start_epoch) * self.steps)
+        left = max(0, total - self._done)
+        eta = elapsed / max(1, self._done) * left  # includes the evaluations so far, pro rata
+        rate = self._images / max(elapsed, 1e-9)
+        if self.json_lines:
+            row = {"event": "heartbeat", "epoch": epoch, "step": step, "steps": self.steps, "loss": s["loss"]}
+            self.line(json.dumps(row | {"images_per_s": rate, "eta_s": eta, "decided": bool(s["decided"])}))
+            return
+        state = " decided" if s["decided"] else f" B {s['b']:.3f}"
+        self.line(
+            f"epoch {epoch} step {step}/{self.steps}: loss {s['loss']:.4f}{state}, {rate:.0f} img/s, "
+            f"ETA {_clock(eta)}"
+        )
 
     def epoch(self, m: Any) -> None:  # EpochMetrics
         if self.bar is not None:
@@ -89,4 +153,12 @@ class Progress:
     def callbacks(self) -> Any:
         from prunekit.stages.finetune import FinetuneCallbacks
 
-        return FinetuneCallbacks(on_start=self.start, on_step=self.step, on_epoch=self.epoch)
+        return FinetuneCallbacks(
+            on_start=self.start, on_step=self.step, on_epoch=self.epoch, on_baseline=self.baseline
+        )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"

@@ -33,7 +33,8 @@ def console(file: TextIO | None = None) -> Console:
     """A console on `file` (default: the current sys.stdout): colour and terminal width only on a tty."""
     file = sys.stdout if file is None else file
     tty = hasattr(file, "isatty") and file.isatty()
-    return _Console(file=file, width=None if tty else NON_TTY_WIDTH, highlight=False)
+    # soft_wrap: a printed line (a path, a message) is never broken across lines; tables still fit
+    return _Console(file=file, width=None if tty else NON_TTY_WIDTH, highlight=False, soft_wrap=True)
 
 
 class _Console(Console):
@@ -108,8 +109,12 @@ def render_report(report: TargetReport, out: Console | None = None) -> None:
     if report.num_classes is not None:
         summary.add_row("Classes", str(report.num_classes))
     summary.add_row("Input", " x ".join(str(d) for d in report.input_shape))
-    summary.add_row("MACs", f"{human(report.macs)}  ({report.macs:,} per example)")
-    summary.add_row("Params", f"{human(report.params)}  ({report.params:,})")
+    info = report.checkpoint
+    dense = " (dense: every channel)" if info is not None and info.decided_macs is not None else ""
+    summary.add_row("MACs", f"{human(report.macs)}  ({report.macs:,} per example){dense}")
+    summary.add_row("Params", f"{human(report.params)}  ({report.params:,}){dense}")
+    if info is not None:
+        _checkpoint_rows(summary, info)
     if report.latency is not None:
         lat = report.latency
         summary.add_row(
@@ -123,6 +128,29 @@ def render_report(report: TargetReport, out: Console | None = None) -> None:
         out.print()
         out.print(module_table(report))
     out.print(MACS_NOTE, style="dim")
+
+
+def _checkpoint_rows(summary: Table, info: Any) -> None:  # CheckpointInfo
+    summary.add_row("Stage", info.stage + (" (gate decisions fixed)" if info.decided else ""))
+    if info.decided_macs is not None:
+        of = f" = {info.decided_macs / info.original_macs:.3f} of the original" if info.original_macs else ""
+        label = "Decided MACs" if info.decided else "MACs at decisions"
+        summary.add_row(label, f"{human(info.decided_macs)}  ({info.decided_macs:,}){of}; what slim gives")
+        summary.add_row("Params at decisions", f"{human(info.decided_params)}  ({info.decided_params:,})")
+    if info.target_macs is not None:
+        summary.add_row("Target", f"{info.target_macs:g} of the original's MACs")
+    if info.baseline_val_acc is not None:
+        summary.add_row("Baseline val acc", pct(info.baseline_val_acc))
+    if info.history:
+        rows = [
+            f"{h['epoch']}: val {pct(h.get('val_acc'))}, MACs {h.get('macs_fraction', float('nan')):.3f}"
+            + (" decided" if h.get("decided") else "")
+            for h in info.history
+        ]
+        summary.add_row("History", "\n".join(rows))
+    if info.recipe:
+        keys = ("epochs", "batch_size", "lr", "gate_lr", "lam", "decide_at", "distill", "seed")
+        summary.add_row("Recipe", ", ".join(f"{k} {info.recipe[k]}" for k in keys if k in info.recipe))
 
 
 def module_table(report: TargetReport) -> Table:

@@ -24,6 +24,7 @@ from prunekit.config import RESUME_MUTABLE, FinetuneConfig, ModelSpec
 from prunekit.errors import CheckpointError, ConfigError, Interrupted, TrainingError, WriteError, first_line
 from prunekit.fileio import check_writable
 from prunekit.gates import GateBank, insert_gates_, remove_gates_, ungated_copy
+from prunekit.metrics import MetricsLog, metrics_path
 from prunekit.objective import MacBudget, MacModel
 from prunekit.runtime import Runtime, resolve_runtime, unwrap
 from prunekit.stages.gate import original_size
@@ -54,6 +55,8 @@ class FinetuneStart:
     baseline_val_acc: float
     start_epoch: int
     gateable_fraction: float
+    epochs: int = 0  # of the whole run
+    batch_size: int = 0  # per process
 
 
 @dataclass
@@ -61,6 +64,22 @@ class FinetuneCallbacks:
     on_start: Callable[[FinetuneStart], None] | None = None
     on_step: Callable[[dict[str, float]], None] | None = None
     on_epoch: Callable[[EpochMetrics], None] | None = None
+    on_baseline: Callable[[int], None] | None = None  # before the baseline evaluation: its image count
+
+    def also(self, other: FinetuneCallbacks) -> FinetuneCallbacks:
+        """These callbacks, then `other`'s, for every event."""
+
+        def both(a: Any, b: Any) -> Any:
+            if a is None or b is None:
+                return a or b
+            return lambda *args: (a(*args), b(*args))[-1]
+
+        return FinetuneCallbacks(
+            both(self.on_start, other.on_start),
+            both(self.on_step, other.on_step),
+            both(self.on_epoch, other.on_epoch),
+            both(self.on_baseline, other.on_baseline),
+        )
 
 
 @dataclass
@@ -91,6 +110,7 @@ class FinetuneResult:
         return {
             "output": self.files.get("last"),
             "best": self.files.get("best"),
+            "metrics": self.files.get("metrics"),
             "baseline_val_acc": self.baseline.val_acc,
             "history": self.history,
             "final": self.final,
@@ -131,6 +151,8 @@ class FinetuneSession:
             baseline_val_acc=baseline.val_acc,
             start_epoch=self.trainer.epoch,
             gateable_fraction=b.gateable_macs / b.total_macs,
+            epochs=self.trainer.config.epochs,
+            batch_size=self.trainer.config.batch_size,
         )
 
 
@@ -251,8 +273,16 @@ def finetune(
     runtime = runtime or resolve_runtime(config.device)
     runtime.seed(config.seed)
     session = prepare_finetune(ckpt, config, len(train_loader), runtime=runtime)
+    callbacks = callbacks or FinetuneCallbacks()
+    _announce_baseline(callbacks, val_loader)
     baseline = session.evaluate_baseline(val_loader, None)
-    return _train(session, train_loader, val_loader, baseline, callbacks or FinetuneCallbacks())
+    return _train(session, train_loader, val_loader, baseline, callbacks)
+
+
+def _announce_baseline(callbacks: FinetuneCallbacks, val_loader: Any) -> None:
+    if callbacks.on_baseline is not None:
+        dataset = getattr(val_loader, "dataset", None)
+        callbacks.on_baseline(len(dataset) if dataset is not None else 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,11 +483,19 @@ def finetune_to_files(
     resume: bool = False,
     callbacks: FinetuneCallbacks | None = None,
     runtime: Runtime | None = None,
+    metrics: Path | None = None,
 ) -> FinetuneResult:
-    """Fine-tune an in-memory gated (or resumed) checkpoint, saving to `out` every epoch."""
+    """Fine-tune an in-memory gated (or resumed) checkpoint, saving to `out` every epoch and the
+    training curve to `metrics` (default: `<out stem>.metrics.csv`, see prunekit.metrics)."""
     runtime = runtime or resolve_runtime(config.device)
     runtime.seed(config.seed)
     session = prepare_finetune(ckpt, config, len(loaders.train), runtime=runtime, start=start)
+    callbacks = callbacks or FinetuneCallbacks()
+    metrics = metrics_path(out) if metrics is None else metrics
+    if runtime.is_primary:
+        resumed_epoch = int(ckpt.training["epoch"]) if resume else None  # type: ignore[index]
+        log = MetricsLog(metrics, every=max(1, session.steps_per_epoch // 10), resume_epoch=resumed_epoch)
+        callbacks = callbacks.also(FinetuneCallbacks(on_step=log.on_step, on_epoch=log.on_epoch))
     if resume:
         session.trainer.load_state(ckpt.training)  # type: ignore[arg-type]
         if ckpt.training.get("train_loader_rng") is not None:  # type: ignore[union-attr]
@@ -465,11 +503,15 @@ def finetune_to_files(
             loaders.train.generator.set_state(ckpt.training["train_loader_rng"])  # type: ignore[index]
         baseline = Baseline(**ckpt.extra["baseline"])
     else:
+        _announce_baseline(callbacks, loaders.val)
         baseline = session.evaluate_baseline(loaders.val, data)
     saver = _EpochSaver(out, loaders, int(ckpt.training["epoch"]) if resume else None)  # type: ignore[index]
     saver.remember_start(session)
     try:
-        return _train(session, loaders.train, loaders.val, baseline, callbacks or FinetuneCallbacks(), saver)
+        result = _train(session, loaders.train, loaders.val, baseline, callbacks, saver)
+        if runtime.is_primary:
+            result.files["metrics"] = str(metrics)
+        return result
     except Interrupted as exc:
         if saver.saved_epoch is None:
             raise

@@ -38,6 +38,26 @@ class TargetReport:
     modules: tuple[ModuleRow, ...]  # empty for ONNX files
     latency: LatencyResult | None
     latency_backend: str | None  # "torch" or "onnxruntime"
+    checkpoint: CheckpointInfo | None = None  # what a prunekit checkpoint knows about itself
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A prunekit checkpoint's own record: its stage, what its gates decide, its target and history.
+
+    `macs`/`params` of the report are the dense architecture's; `decided_macs`/`decided_params` are
+    those of the model its gates' deterministic decisions give, counted on that model slimmed (so they
+    equal what `prunekit slim` produces)."""
+
+    stage: str
+    decided: bool  # the gate decisions are fixed (fine-tuned past the decision point)
+    decided_macs: int | None  # None without gates (a slim checkpoint is measured as it is)
+    decided_params: int | None
+    target_macs: float | None  # fraction of the original's MACs the run aimed for
+    original_macs: int | None  # MACs of the model before gating
+    history: tuple[dict[str, Any], ...]  # per epoch: val_acc, macs_fraction, decided, ...
+    recipe: dict[str, Any] | None  # the fine-tune config
+    baseline_val_acc: float | None
 
 
 def report_target(
@@ -57,7 +77,9 @@ def report_target(
         raise ConfigError(f"--depth must be 0 or more, got {depth}")
     if target.lower().endswith(".onnx"):
         return _report_onnx(target, input_shape, latency, threads, weights, num_classes)
-    model, spec = _load_report_target(target, weights, num_classes, input_shape, model_args or {}, source)
+    model, spec, info = _load_report_target(
+        target, weights, num_classes, input_shape, model_args or {}, source
+    )
     from prunekit.models import check_runs
 
     check_runs(model, spec)
@@ -76,6 +98,36 @@ def report_target(
         modules=module_rows(mac_report, depth),
         latency=timing,
         latency_backend="torch" if latency else None,
+        checkpoint=info,
+    )
+
+
+def _checkpoint_info(ckpt: Any) -> CheckpointInfo:
+    from prunekit.gates import get_gates, plan_from_gates, remove_gates_, ungated_copy
+    from prunekit.surgery import slim_
+
+    bank = get_gates(ckpt.model)
+    decided_macs = decided_params = None
+    if bank is not None:
+        plan = plan_from_gates(ckpt.graph, bank)
+        slimmed = slim_(ungated_copy(ckpt.model), ckpt.graph, plan)
+        counted = count_macs(slimmed, ckpt.spec.example_input())
+        decided_macs, decided_params = counted.total_macs, counted.params
+        remove_gates_(ckpt.model)
+    extra = ckpt.extra or {}
+    budget = extra.get("budget") or {}
+    recipe = extra.get("finetune") or (ckpt.training or {}).get("config")
+    original = extra.get("original") or {}
+    return CheckpointInfo(
+        stage=ckpt.stage,
+        decided=bool(bank is not None and bank.is_decided),
+        decided_macs=decided_macs,
+        decided_params=decided_params,
+        target_macs=(recipe or {}).get("target_macs", budget.get("target_fraction")),
+        original_macs=original.get("macs", budget.get("total_macs")),
+        history=tuple(ckpt.history),
+        recipe=recipe,
+        baseline_val_acc=(extra.get("baseline") or {}).get("val_acc"),
     )
 
 
@@ -86,26 +138,24 @@ def _load_report_target(
     input_shape: tuple[int, int, int] | None,
     model_args: dict[str, Any],
     source: str | None,
-) -> tuple[nn.Module, ModelSpec]:
+) -> tuple[nn.Module, ModelSpec, CheckpointInfo | None]:
     """A model source, or a prunekit checkpoint measured as the architecture it holds (a gated model
     without its gate hooks, a slim model at its reduced widths)."""
     if target.lower().endswith((".pt", ".pth")) or (Path(target).is_file() and ":" not in target):
         if weights is not None or num_classes is not None:
             raise ConfigError("--weights and --num-classes apply to model names, not to checkpoints")
         from prunekit.checkpoint import load_checkpoint
-        from prunekit.gates import get_gates, remove_gates_
 
         ckpt = load_checkpoint(Path(target), source=source)
-        if get_gates(ckpt.model) is not None:
-            remove_gates_(ckpt.model)
+        info = _checkpoint_info(ckpt)  # takes the gate hooks off: the dense architecture is measured
         shown = replace(ckpt.spec, weights=f"{target} ({ckpt.stage})")
-        return ckpt.model, shown if input_shape is None else replace(shown, input_shape=input_shape)
+        return ckpt.model, shown if input_shape is None else replace(shown, input_shape=input_shape), info
     from prunekit.models import load_model
 
     spec = ModelSpec(
         target, weights=weights, num_classes=num_classes, input_shape=input_shape, model_args=model_args
     )
-    return load_model(spec)
+    return (*load_model(spec), None)
 
 
 def _report_onnx(

@@ -7,6 +7,7 @@ model.onnx, plan.json), so a run can be inspected or continued stage by stage, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from prunekit.config import RunConfig
-from prunekit.errors import AccuracyGateError, ConfigError, DataError
+from prunekit.errors import AccuracyGateError, ConfigError, DataError, Interrupted, PrunekitError
 from prunekit.fileio import atomic_write_text, check_writable, remove_stale_temporaries
 from prunekit.models import load_model
 from prunekit.runtime import resolve_runtime
@@ -30,6 +31,7 @@ RUN_FILES = {
     "onnx": "model.onnx",
     "slim": "model.pt",
     "plan": "plan.json",
+    "metrics": "metrics.csv",
     "report": "report.json",
 }
 
@@ -101,26 +103,60 @@ def run_pipeline(
     # the data is checked against the model before any stage writes a file
     loaders = data_loaders(config.data, spec, config.finetune, runtime, "[model] num_classes =")
     clear_previous_run(files)  # everything is validated: from here on the directory is this run's
-    gated = gate(model, spec=spec, config=config.gates)
-    gated.save(files["gated"])
-    on_stage("gate", gated)
+    done: dict[str, Any] = {}
+    stage = "gate"
+    try:
+        gated = gate(model, spec=spec, config=config.gates)
+        gated.save(files["gated"])
+        done["gate"] = gated.to_dict() | {"output": str(files["gated"])}
+        on_stage("gate", gated)
 
-    tuned = finetune_to_files(
-        gated.checkpoint,
-        loaders,
-        config.data,
-        files["tuned"],
-        config.finetune,
-        callbacks=callbacks,
-        runtime=runtime,
-    )
-    on_stage("finetune", tuned)
+        stage = "finetune"
+        tuned = finetune_to_files(
+            gated.checkpoint,
+            loaders,
+            config.data,
+            files["tuned"],
+            config.finetune,
+            callbacks=callbacks,
+            runtime=runtime,
+            metrics=files["metrics"],
+        )
+        done["finetune"] = tuned.to_dict()
+        on_stage("finetune", tuned)
 
-    slimmed = slim(tuned, val_loader=loaders.val, data=config.data, rtol=config.slim.rtol)
-    slimmed.source = str(files["tuned"])
-    write_slim(slimmed, outputs, config.slim, reference=tuned.checkpoint)
-    on_stage("slim", slimmed)
-    return _report(config, files, out_dir, gated.to_dict(), tuned.to_dict(), slimmed.to_dict())
+        stage = "slim"
+        slimmed = slim(tuned, val_loader=loaders.val, data=config.data, rtol=config.slim.rtol)
+        slimmed.source = str(files["tuned"])
+        write_slim(slimmed, outputs, config.slim, reference=tuned.checkpoint)
+        done["slim"] = slimmed.to_dict()
+        on_stage("slim", slimmed)
+    except (PrunekitError, KeyboardInterrupt) as exc:
+        error = exc if isinstance(exc, PrunekitError) else Interrupted.of(exc)
+        _failure_report(config, files, done, stage, error)
+        if error is exc:
+            raise
+        raise error from None
+    return _report(config, files, out_dir, done["gate"], done["finetune"], done["slim"])
+
+
+def _failure_report(
+    config: RunConfig, files: dict[str, Path], done: dict[str, Any], stage: str, error: PrunekitError
+) -> None:
+    """report.json for a run that stopped in `stage`: what was done, which files exist, and why it
+    stopped. The error carries the document (`error.report`) for `run --json` to print."""
+    report = {
+        "config": config.to_dict(),
+        "files": {k: str(v) for k, v in files.items() if v.exists() or k == "report"},
+        "gate": done.get("gate"),
+        "finetune": done.get("finetune"),
+        "slim": done.get("slim"),
+        "summary": {"passed": False, "max_accuracy_drop": config.max_accuracy_drop},
+        "error": {"stage": stage, "message": " ".join(str(error).split()), "exit_code": error.exit_code},
+    }
+    with contextlib.suppress(PrunekitError):  # a full disk must not hide the error that stopped the run
+        atomic_write_text(files["report"], json.dumps(report, indent=1, default=str) + "\n")
+    error.report = report  # type: ignore[attr-defined]
 
 
 def _report(
@@ -138,7 +174,7 @@ def _report(
     report = {
         "config": config.to_dict(),
         "files": {k: str(v) for k, v in files.items() if v.exists() or k == "report"},
-        "gate": gate | {"output": str(files["gated"])},
+        "gate": gate,
         "finetune": tuned,
         "slim": slim,
         "summary": {
@@ -155,12 +191,18 @@ def _report(
             "latency_speedup": (slim.get("latency") or {}).get("speedup"),
         },
     }
-    atomic_write_text(files["report"], json.dumps(report, indent=1, default=str) + "\n")
+    message = None
     if not report["summary"]["passed"]:
-        raise AccuracyGateError(
+        message = (
             f"the slimmed model lost {drop:.2f} accuracy points (allowed {allowed:g}); "
             f"everything is in {out_dir}, see report.json"
         )
+    report["error"] = None if message is None else {"stage": "ci", "message": message, "exit_code": 3}
+    atomic_write_text(files["report"], json.dumps(report, indent=1, default=str) + "\n")
+    if message is not None:
+        error = AccuracyGateError(message)
+        error.report = report  # type: ignore[attr-defined]  # for `run --json` to print
+        raise error
     return report
 
 
