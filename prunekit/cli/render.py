@@ -33,11 +33,17 @@ def console(file: TextIO | None = None) -> Console:
     """A console on `file` (default: the current sys.stdout): colour and terminal width only on a tty."""
     file = sys.stdout if file is None else file
     tty = hasattr(file, "isatty") and file.isatty()
-    # soft_wrap: a printed line (a path, a message) is never broken across lines; tables still fit
-    return _Console(file=file, width=None if tty else NON_TTY_WIDTH, highlight=False, soft_wrap=True)
+    return _Console(file=file, width=None if tty else NON_TTY_WIDTH, highlight=False)
 
 
 class _Console(Console):
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        # a line of text (a message, a path) is never broken across lines, so paths can be copied;
+        # tables still fit the width, and notes are written short enough to fit
+        if objects and all(isinstance(o, str) for o in objects):
+            kwargs.setdefault("soft_wrap", True)
+        super().print(*objects, **kwargs)
+
     def on_broken_pipe(self) -> None:
         # rich exits with 1 here, the code prunekit keeps for bugs; let the command's wrapper end it as
         # a closed pipe (exit code 141)
@@ -194,8 +200,8 @@ def render_models(rows: Sequence[ModelInfo], out: Console | None = None) -> None
         )
     out.print(table)
     out.print(
-        "MACs and params from torchvision's metadata for the DEFAULT weights; Cached: DEFAULT weights are "
-        "in the torch hub cache (loadable offline); damaged: a truncated file is there (delete it).",
+        "MACs and params: torchvision's metadata for the DEFAULT weights.\n"
+        "Cached: DEFAULT weights in the torch hub cache (offline); damaged: a truncated file is there.",
         style="dim",
     )
 
