@@ -16,6 +16,15 @@ from prunekit.testing import randomize_
 # the name the test modules import (`from conftest import randomize`)
 randomize = randomize_
 
+# the first line a long command prints before anything slow (`finetune: ...`, `run: ...`): progress, so it
+# may come before an error line
+PROGRESS_PREFIXES = ("finetune: ", "run: ")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The non-empty lines of `stderr` without the progress lines that may precede an error."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(PROGRESS_PREFIXES)]
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread() -> Iterator[None]:

@@ -132,7 +132,7 @@ def test_torchrun_cli_prints_once(gated: Path, tmp_path: Path) -> None:
     doc = json.loads(proc.stdout)  # exactly one JSON document: rank 1 printed nothing
     assert doc["final"]["decided"] and doc["output"] == "tuned.pt"
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"event"')]
-    assert [e["event"] for e in events] == ["start", "epoch"]  # progress from rank 0 only
+    assert [e["event"] for e in events] == ["begin", "baseline", "start", "epoch"]  # from rank 0 only
     assert "Traceback" not in proc.stderr
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, message_lines
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typer.testing import CliRunner
@@ -465,7 +465,8 @@ def test_resume_without_checkpoint(tiny: tuple[Path, Path], tmp_path: Path) -> N
     )
     assert result.exit_code == 2
     assert (
-        result.stderr.startswith("error: resume: no checkpoint to resume") and result.stderr.count("\n") == 1
+        message_lines(result.stderr)[0].startswith("error: resume: no checkpoint to resume")
+        and len(message_lines(result.stderr)) == 1
     )
 
 

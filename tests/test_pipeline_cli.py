@@ -115,7 +115,7 @@ def test_e2e_exit_codes_and_json(e2e: dict[str, Any]) -> None:
     events = [
         json.loads(line)["event"] for line in e2e["finetune"].stderr.splitlines() if line.startswith("{")
     ]
-    assert events == ["start", "epoch"]
+    assert events == ["begin", "baseline", "start", "epoch"]
 
 
 def test_e2e_macs(e2e: dict[str, Any]) -> None:

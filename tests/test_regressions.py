@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import message_lines
 from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
@@ -34,7 +35,7 @@ class Small(nn.Module):
 
 def one_line(result, *fragments: str) -> None:  # noqa: ANN001
     assert result.exit_code == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = message_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, (
         result.stderr
     )

@@ -270,7 +270,7 @@ def test_a_failed_epoch_checkpoint_keeps_the_last_good_one_and_says_where(
     assert message
     saved = read_checkpoint_data(out)
     assert saved["training"]["epoch"] == 1 and [h["epoch"] for h in saved["history"]] == [1]
-    assert {p.name for p in tmp_path.iterdir()} <= {"tuned.pt", "tuned.best.pt"}  # no temporary left
+    assert {p.name for p in tmp_path.iterdir()} <= {"tuned.pt", "tuned.best.pt", "tuned.metrics.csv"}
 
 
 def test_temporaries_of_a_killed_write_are_removed(tmp_path: Path) -> None:
@@ -344,7 +344,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tiny: tuple[Path, Pa
     assert "--resume" in message
     saved = read_checkpoint_data(out)
     assert saved["training"] is not None and saved["training"]["epoch"] >= 1
-    assert [p.name for p in tmp_path.iterdir()] == ["tuned.pt"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuned.metrics.csv", "tuned.pt"]  # no temporary
 
 
 def test_sigterm_in_any_command_is_one_line_143(tmp_path: Path) -> None:
@@ -629,7 +629,7 @@ def test_a_second_run_in_a_directory_leaves_none_of_the_first_runs_files(tmp_pat
     report = json.loads((run_dir / "report.json").read_text())
     assert not (run_dir / "model.onnx").exists() and not killed.exists()
     assert (run_dir / "notes.txt").read_text() == "mine"
-    assert set(report["files"]) <= {"gated", "tuned", "slim", "plan", "report"}
+    assert set(report["files"]) <= {"gated", "tuned", "slim", "plan", "metrics", "report"}
     assert all(Path(p).exists() for p in report["files"].values())
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import message_lines
 from typer.testing import CliRunner
 
 from prunekit.checkpoint import load_checkpoint, read_checkpoint_data
@@ -78,7 +79,7 @@ def one_error_line(proc: subprocess.CompletedProcess | object, *fragments: str) 
     stderr = proc.stderr  # type: ignore[attr-defined]
     assert code == 2, stderr
     assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = message_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
