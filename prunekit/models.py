@@ -44,12 +44,12 @@ _WEIGHT_FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
 class ModelInfo:
     """One row of `prunekit models`: what torchvision's weights metadata says about an architecture."""
 
-    name: str
+    model: str  # the torchvision name
     weights: tuple[str, ...]  # weights names, e.g. ("IMAGENET1K_V1", "IMAGENET1K_V2")
     default_weights: str | None  # e.g. "ResNet50_Weights.IMAGENET1K_V2"
     params: int | None  # parameters of the DEFAULT weights' model
     macs: int | None  # torchvision's "_ops" (labelled GFLOPS there, but counted as MACs) x 1e9
-    input_size: int
+    input_shape: tuple[int, int, int]  # (C, H, W) the DEFAULT weights expect
     cached: bool  # DEFAULT weights present (and whole) in the hub cache, so loadable offline
     cache_damaged: bool = (
         False  # a file is there but truncated or not a torch file (delete it to re-download)
@@ -125,12 +125,12 @@ def model_catalog(filter: str | None = None) -> list[ModelInfo]:
         ops = default.meta.get("_ops")
         rows.append(
             ModelInfo(
-                name=name,
+                model=name,
                 weights=tuple(member.name for member in enum),
                 default_weights=str(default),
                 params=default.meta.get("num_params"),
                 macs=round(ops * 1e9) if ops is not None else None,
-                input_size=default_input_size(name),
+                input_shape=(3, default_input_size(name), default_input_size(name)),
                 cached=cache_state(hub_cache_file(default)) == "ok",
                 cache_damaged=cache_state(hub_cache_file(default)) == "damaged",
             )

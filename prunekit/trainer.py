@@ -42,7 +42,7 @@ class EpochMetrics:
     val_acc: float
     val_loss: float
     macs_fraction: float  # of the whole model, under the deterministic decisions
-    gateable_fraction: float  # B under the deterministic decisions
+    gateable_kept: float  # B: the fraction of the gateable MACs the deterministic decisions keep
     decided: bool
     seconds: float
     images_per_s: float
@@ -370,7 +370,7 @@ def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: An
         val_acc=val_acc,
         val_loss=val_loss,
         macs_fraction=trainer.budget.total_fraction(b),
-        gateable_fraction=b,
+        gateable_kept=b,
         decided=trainer.decided,
         seconds=stats["seconds"],
         images_per_s=stats["images_per_s"],

@@ -161,12 +161,12 @@ def test_models_json() -> None:
     result = invoke("models", "--json", "--filter", "resnet")
     assert result.exit_code == 0 and result.stderr == ""
     rows = json.loads(result.stdout)["models"]
-    names = [row["name"] for row in rows]
+    names = [row["model"] for row in rows]
     assert "resnet50" in names and all("resnet" in n for n in names)
     r50 = rows[names.index("resnet50")]
     assert r50["params"] == 25_557_032 and r50["macs"] == 4_089_000_000
     assert r50["default_weights"] == "ResNet50_Weights.IMAGENET1K_V2"
-    assert r50["weights"] == ["IMAGENET1K_V1", "IMAGENET1K_V2"] and r50["input_size"] == 224
+    assert r50["weights"] == ["IMAGENET1K_V1", "IMAGENET1K_V2"] and r50["input_shape"] == [3, 224, 224]
 
 
 def test_models_table_on_a_non_terminal() -> None:
@@ -187,7 +187,7 @@ def test_report_table_on_a_non_terminal() -> None:
     assert result.exit_code == 0 and result.stderr == ""
     out = result.stdout
     assert "MACs" in out and "FLOP" not in out
-    assert "layer1.0" in out and "1 x 3 x 64 x 64" in out
+    assert "layer1.0" in out and "3 x 64 x 64" in out
     assert max(len(line) for line in out.splitlines()) <= NON_TTY_WIDTH
 
 

@@ -168,7 +168,7 @@ def test_decide_at_fixes_decisions_within_the_budget(gated10: Path) -> None:
     assert set(frozen[:, 1].unique().tolist()) <= {-5.0, 5.0}  # decided logits, untouched afterwards
     for m in history:
         assert m.macs_fraction <= 0.5 + 1e-9 and abs(m.macs_fraction - 0.5) < 0.05
-        assert m.gateable_fraction == pytest.approx(m.macs_fraction)
+        assert m.gateable_kept == pytest.approx(m.macs_fraction)
         assert 0.0 <= m.val_acc <= 1.0 and np.isfinite(m.loss)
     assert history[0].macs_fraction == history[1].macs_fraction  # no gate changes after the decision
     # sampled gates before the decision, deterministic ones from it on (also in the second epoch)

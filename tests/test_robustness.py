@@ -715,7 +715,7 @@ def test_models_marks_a_truncated_cache_file(tmp_path: Path, monkeypatch: pytest
     assert result.exit_code == 0
     import json
 
-    (row,) = [r for r in json.loads(result.stdout)["models"] if r["name"] == "resnet18"]
+    (row,) = [r for r in json.loads(result.stdout)["models"] if r["model"] == "resnet18"]
     assert row["cached"] is False and row["cache_damaged"] is True
 
 

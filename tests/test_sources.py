@@ -123,7 +123,7 @@ def test_package_module_factory(models_file: Path, tmp_path: Path, monkeypatch: 
         app, ["gate", "mymodels:tiny", "--input-shape", "16", "-o", str(out), "--json"]
     )
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["arch"] == "mymodels:tiny"
+    assert json.loads(result.stdout)["model"] == "mymodels:tiny"
     assert load_checkpoint(out, source="mymodels:tiny").spec.model_args == {}
 
 

@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from prunekit import __version__
 from prunekit.cli import inspect, pipeline
-from prunekit.cli.common import BROKEN_PIPE_EXIT, one_line, silence_stdout
+from prunekit.cli.common import BROKEN_PIPE_EXIT, emit_error_document, one_line, silence_stdout
 
 
 class OneLineErrors(TyperGroup):
@@ -39,6 +39,9 @@ class OneLineErrors(TyperGroup):
     ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from prunekit.cli import render
+
+        render.EMITTED["document"] = False
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except SystemExit as exc:
@@ -53,7 +56,12 @@ class OneLineErrors(TyperGroup):
             ctx = getattr(exc, "ctx", None)
             where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
             message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-            print(f"error: {one_line(message)}{where}", file=sys.stderr, flush=True)
+            text = f"{one_line(message)}{where}"
+            argv = sys.argv[1:] if args is None else list(args)
+            if "--json" in argv and ctx is not None:  # the one document, also for a usage error
+                command = ctx.info_name if ctx.parent is not None else "prunekit"
+                emit_error_document(command, text, getattr(exc, "exit_code", 2))
+            print(f"error: {text}", file=sys.stderr, flush=True)
             sys.exit(getattr(exc, "exit_code", 2))
         sys.exit(code if isinstance(code, int) else 0)
 

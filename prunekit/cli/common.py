@@ -83,6 +83,9 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from prunekit.cli import render
+
+        render.EMITTED["document"] = False  # per command (tests run many in one process)
         try:
             with sigterm_as_interrupt():
                 try:
@@ -90,13 +93,25 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
                 except KeyboardInterrupt as exc:
                     raise Interrupted.of(exc) from None
         except PrunekitError as err:
-            print(f"error: {one_line(str(err)) or type(err).__name__}", file=sys.stderr, flush=True)
+            message = one_line(str(err)) or type(err).__name__
+            if kwargs.get("json_output"):
+                emit_error_document(command.__name__.removesuffix("_command"), message, err.exit_code)
+            print(f"error: {message}", file=sys.stderr, flush=True)
             raise typer.Exit(err.exit_code) from None
         except BrokenPipeError:
             silence_stdout()
             raise typer.Exit(BROKEN_PIPE_EXIT) from None
 
     return wrapper
+
+
+def emit_error_document(command: str, message: str, exit_code: int) -> None:
+    """With --json, a command that fails still prints one document (unless it printed its own, as
+    `run` does with what was done): the envelope and `error`."""
+    from prunekit.cli import render
+
+    if not render.EMITTED["document"]:
+        render.emit_json({"error": {"message": message, "exit_code": exit_code}}, command)
 
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away

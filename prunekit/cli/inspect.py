@@ -34,7 +34,7 @@ def models_command(
 
     rows = model_catalog(filter)
     if json_output:
-        render.emit_json({"models": rows})
+        render.emit_json({"models": rows}, "models")
         return
     if not rows:
         render.note(f"no classification model name contains {filter!r}")
@@ -85,7 +85,7 @@ def report_command(
         source=source,
     )
     if json_output:
-        render.emit_json(result)
+        render.emit_json(result, "report")
     else:
         render.render_report(result)
 
@@ -111,6 +111,6 @@ def analyze_command(
     )
     report = analyze_model(spec)
     if json_output:
-        render.emit_json(report.to_dict())
+        render.emit_json(report.to_dict(), "analyze")
     else:
         render.render_analysis(report)

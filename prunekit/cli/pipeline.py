@@ -87,7 +87,7 @@ def gate_command(
     config = GateConfig(granularity=granularity, min_keep=min_keep)
     result = gate_stage(spec, output, config=config, seed=seed).to_dict() | {"output": str(output)}
     if json_output:
-        render.emit_json(result)
+        render.emit_json(result, "gate")
     else:
         render.render_gate(result, str(output))
 
@@ -197,7 +197,7 @@ def finetune_command(
     if not is_primary_process():
         return
     if json_output:
-        render.emit_json(result)
+        render.emit_json(result, "finetune")
     else:
         render.render_finetune(result)
 
@@ -252,7 +252,7 @@ def slim_command(
         model_source=source,
     ).to_dict()
     if json_output:
-        render.emit_json(result)
+        render.emit_json(result, "slim")
     else:
         render.render_slim(result)
 
@@ -292,7 +292,7 @@ def run_command(
 
         return run_pipeline(cfg, out_dir, progress.callbacks(), _stage(progress))
 
-    _run_and_render(job, json_output, ("run", f"{config} into {out_dir} (config checked)"))
+    _run_and_render(job, json_output, "run", ("run", f"{config} into {out_dir} (config checked)"))
 
 
 @app.command("demo", rich_help_panel=PIPELINE)
@@ -316,6 +316,7 @@ def demo_command(
             on_stage=_stage(progress),
         ),
         json_output,
+        "demo",
     )
 
 
@@ -323,7 +324,7 @@ def _stage(progress: Progress) -> Any:
     return lambda name, _result: progress.event("stage", stage=name)
 
 
-def _run_and_render(job: Any, json_output: bool, begin: tuple[str, str] | None = None) -> None:
+def _run_and_render(job: Any, json_output: bool, command: str, begin: tuple[str, str] | None = None) -> None:
     """Run `job` and print its report. A run that stopped after its first stage began (a failed stage,
     the accuracy gate, an interrupt) still prints its document with --json, `summary.passed` false and
     `error` saying where and why, before the one-line error and the exit code."""
@@ -336,13 +337,13 @@ def _run_and_render(job: Any, json_output: bool, begin: tuple[str, str] | None =
         progress.stop()
         report = getattr(err, "report", None)
         if report is not None and json_output:
-            render.emit_json(report)
+            render.emit_json(report, command)
         elif report is not None and report.get("slim") is not None:  # the accuracy gate: show the numbers
             render.render_run(report)
         raise
     finally:
         progress.stop()
     if json_output:
-        render.emit_json(report)
+        render.emit_json(report, command)
     else:
         render.render_run(report)

@@ -86,11 +86,20 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def emit_json(obj: Any, file: TextIO | None = None) -> None:
-    """Write exactly one JSON document (and a newline) to stdout."""
+EMITTED = {"document": False}  # whether this process printed its one document already
+
+
+def emit_json(obj: Any, command: str, file: TextIO | None = None) -> None:
+    """Write exactly one JSON document (and a newline) to stdout: `obj` after the envelope every
+    document starts with, checked against the command's schema (prunekit.schema) first."""
+    from prunekit.schema import envelope, validate
+
     file = sys.stdout if file is None else file
-    file.write(json.dumps(to_jsonable(obj), indent=2) + "\n")
+    document = envelope(command) | to_jsonable(obj)
+    validate(command, document)  # a mismatch is a bug in prunekit: it raises before printing
+    file.write(json.dumps(document, indent=2) + "\n")
     file.flush()
+    EMITTED["document"] = True
 
 
 def note(message: str) -> None:
@@ -108,8 +117,8 @@ def render_report(report: TargetReport, out: Console | None = None) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("Target", report.target)
-    if report.arch is not None and report.arch != report.target:
-        summary.add_row("Architecture", report.arch)
+    if report.model is not None and report.model != report.target:
+        summary.add_row("Architecture", report.model)
     if report.kind == "model":
         summary.add_row("Weights", report.weights or "none (random init)")
     if report.num_classes is not None:
@@ -191,8 +200,8 @@ def render_models(rows: Sequence[ModelInfo], out: Console | None = None) -> None
     table.add_column("Cached", justify="center")
     for row in rows:
         table.add_row(
-            row.name,
-            str(row.input_size),
+            row.model,
+            str(row.input_shape[1]),
             human(row.macs) if row.macs is not None else "-",
             human(row.params) if row.params is not None else "-",
             ", ".join(row.weights) or "-",
@@ -234,7 +243,7 @@ def render_gate(result: dict[str, Any], output: str, out: Console | None = None)
     out = out or console()
     shape = "x".join(str(d) for d in result["input_shape"])
     out.print(
-        f"{result['arch']}: {human(result['macs'])} MACs, {human(result['params'])} params "
+        f"{result['model']}: {human(result['macs'])} MACs, {human(result['params'])} params "
         f"at {shape}, {result['num_classes']} classes"
     )
     out.print(

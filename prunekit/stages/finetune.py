@@ -231,7 +231,7 @@ def _train(
     )
 
     def epoch_end(tr: Trainer, m: EpochMetrics) -> None:
-        row = m.to_dict() | {"within_budget": session.budget.fits(m.gateable_fraction)}
+        row = m.to_dict() | {"within_budget": session.budget.fits(m.gateable_kept)}
         history.append(row)
         if after_epoch is not None:
             after_epoch(session, result, False)

@@ -69,7 +69,7 @@ class GateResult:
     def to_dict(self) -> dict[str, Any]:
         bank, spec = self.bank, self.spec
         return {
-            "arch": spec.name,
+            "model": spec.name,
             "num_classes": spec.num_classes,
             "input_shape": list(spec.input_shape or ()),
             "weights": spec.weights,

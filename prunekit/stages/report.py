@@ -29,10 +29,10 @@ class TargetReport:
 
     target: str
     kind: str  # "model" or "onnx"
-    arch: str | None
+    model: str | None  # the model source (None for an ONNX file)
     weights: str | None
     num_classes: int | None
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # (C, H, W) of one example
     macs: int  # per example
     params: int
     modules: tuple[ModuleRow, ...]  # empty for ONNX files
@@ -89,10 +89,10 @@ def report_target(
     return TargetReport(
         target=target,
         kind="model",
-        arch=spec.name,
+        model=spec.name,
         weights=spec.weights,
         num_classes=spec.num_classes,
-        input_shape=tuple(inputs.shape),
+        input_shape=tuple(inputs.shape[1:]),
         macs=mac_report.total_macs,
         params=mac_report.params,
         modules=module_rows(mac_report, depth),
@@ -175,10 +175,10 @@ def _report_onnx(
     return TargetReport(
         target=target,
         kind="onnx",
-        arch=None,
+        model=None,
         weights=None,
         num_classes=None,
-        input_shape=shape,
+        input_shape=tuple(shape[1:]),
         macs=macs,
         params=params,
         modules=(),

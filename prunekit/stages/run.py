@@ -188,7 +188,7 @@ def _report(
             "accuracy_drop_points": drop,
             "max_accuracy_drop": allowed,
             "passed": allowed is None or drop <= allowed,
-            "latency_speedup": (slim.get("latency") or {}).get("speedup"),
+            "latency_ratio": (slim.get("latency") or {}).get("ratio"),  # slim / original
         },
     }
     message = None

@@ -64,7 +64,7 @@ class SlimResult:
         data: dict[str, Any] = {
             "source": self.source,
             "plan_source": self.plan_source,
-            "arch": self.spec.name,
+            "model": self.spec.name,
             "original": self.original.to_dict(),
             "slim": self.slim_size.to_dict() | {"predicted_macs": self.predicted_macs},
             "macs_ratio": self.slim_size.macs / max(1, self.original.macs),
@@ -334,8 +334,7 @@ def _latency_pair(
         "batch": 1,
         "original_ms": before.median_ms,
         "slim_ms": after.median_ms,
-        "ratio": after.median_ms / max(before.median_ms, 1e-9),  # slim / original, as on the terminal
-        "speedup": before.median_ms / max(after.median_ms, 1e-9),
+        "ratio": after.median_ms / max(before.median_ms, 1e-9),  # slim / original, as every ratio
     }
 
 

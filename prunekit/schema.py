@@ -1,0 +1,241 @@
+"""The JSON documents the commands print with `--json`: one typed model per command, from which the
+JSON Schema files in `prunekit/schemas/` are generated (`python -m prunekit.schema` writes them; a test
+checks that they are current and that every command's real output validates).
+
+Vocabulary, the same in every document: `model` is the model source (a torchvision name,
+`module:factory`, `timm:NAME`); `input_shape` is [C, H, W] of one example; `macs` and `params` are
+integer counts per example; `*_ms` are milliseconds; every `*ratio` is new / original (below 1 is
+smaller or faster). Each document starts with `schema_version`, `prunekit_version`, `torch_version`
+and `command`. A document of a command that failed with --json has `error`.
+
+Versioning (docs/json-schema.md): adding a field keeps SCHEMA_VERSION; renaming or removing one, or
+changing its type or meaning, increments it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+Row = dict[str, Any]  # a table row (per epoch, per group, per module): documented in docs/json-schema.md
+
+
+class _Doc(BaseModel):
+    """Fields every document has. Unknown top-level fields are an error: what a command prints is
+    exactly what its schema says."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int
+    prunekit_version: str
+    torch_version: str
+    command: str
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    exit_code: int  # 2 bad input, 3 accuracy gate, 130/143 interrupted
+    stage: str | None = None  # `run`: the stage that stopped ("gate", "finetune", "slim", "ci")
+
+
+class ErrorDoc(_Doc):
+    """What any command prints with --json when it fails before it has a result."""
+
+    error: ErrorInfo
+
+
+class ModelsDoc(_Doc):
+    models: list[Row]  # model, weights, default_weights, params, macs, input_shape, cached, cache_damaged
+
+
+class LatencyInfo(BaseModel):
+    median_ms: float
+    p90_ms: float
+    mean_ms: float | None = None
+    threads: int
+    repeats: int
+    warmup: int | None = None
+    batch: int | None = None
+    input_shape: list[int] | None = None
+
+
+class CheckpointInfoDoc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    decided: bool
+    decided_macs: int | None
+    decided_params: int | None
+    target_macs: float | None
+    original_macs: int | None
+    history: list[Row]
+    recipe: Row | None
+    baseline_val_acc: float | None
+
+
+class ReportDoc(_Doc):
+    target: str
+    kind: str  # "model" or "onnx"
+    model: str | None
+    weights: str | None
+    num_classes: int | None
+    input_shape: list[int]
+    macs: int
+    params: int
+    modules: list[Row]  # name, depth, macs, params
+    latency: Row | None
+    latency_backend: str | None
+    checkpoint: CheckpointInfoDoc | None
+
+
+class AnalyzeDoc(_Doc):
+    model: str
+    input_shape: list[int]
+    macs: int
+    groups: list[Row]
+    num_units: int
+    modeled_macs: int
+    prunable_macs: int
+    prunable_fraction: float
+    frozen: list[Row]
+
+
+class GateDoc(_Doc):
+    model: str
+    num_classes: int
+    input_shape: list[int]
+    weights: str | None
+    macs: int
+    params: int
+    groups: int
+    gates: int
+    learnable_gates: int
+    granularity: int
+    gateable_macs: int
+    gateable_fraction: float  # gateable MACs / all MACs
+    frozen: list[Row]
+    output: str
+
+
+class FinetuneDoc(_Doc):
+    output: str | None
+    best: str | None
+    metrics: str | None
+    baseline_val_acc: float
+    history: list[Row]  # epoch, loss, ce, act_loss, train_acc, val_acc, val_loss, macs_fraction, ...
+    final: Row
+    target_macs: float
+    macs_before: int
+    expected_macs: float
+
+
+class SlimDoc(_Doc):
+    source: str | None
+    plan_source: str
+    model: str
+    original: Row  # macs, params
+    slim: Row  # macs, params, predicted_macs
+    macs_ratio: float
+    params_ratio: float
+    removes_nothing: bool
+    parity: Row  # max_abs_diff, max_abs_ref, rtol, tolerance: slim vs gated
+    widths: list[Row]  # group, before, after, units
+    accuracy: Row | None = None  # with --data: original, slim (top-1, 0..1)
+    onnx: Row | None = None  # path, opset, exporter, max_abs_diff, size_bytes, ...: ONNX vs PyTorch
+    latency: Row | None = None  # with --latency: original_ms, slim_ms, ratio (slim / original), ...
+    checkpoint: str | None = None  # the slim checkpoint written
+    plan: str | None = None  # the plan written (--save-plan)
+    checkpoint_bytes: int | None = None
+
+
+class RunDoc(_Doc):
+    config: Row
+    files: dict[str, str]
+    gate: Row | None
+    finetune: Row | None
+    slim: Row | None
+    summary: Row  # passed, macs_before/after, macs_ratio, accuracy_before/after, latency_ratio, ...
+    error: ErrorInfo | None
+
+
+class DemoDoc(RunDoc):
+    pretrain: Row
+
+
+DOCUMENTS: dict[str, type[_Doc]] = {
+    "models": ModelsDoc,
+    "report": ReportDoc,
+    "analyze": AnalyzeDoc,
+    "gate": GateDoc,
+    "finetune": FinetuneDoc,
+    "slim": SlimDoc,
+    "run": RunDoc,
+    "demo": DemoDoc,
+    "error": ErrorDoc,
+}
+
+
+def envelope(command: str) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from prunekit import __version__
+
+    try:
+        torch_version = version("torch")  # without importing torch (a usage error stays fast)
+    except PackageNotFoundError:
+        torch_version = "unknown"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "prunekit_version": str(__version__),
+        "torch_version": torch_version.split("+")[0],
+        "command": command,
+    }
+
+
+def validate(command: str, document: dict[str, Any]) -> None:
+    """Raise pydantic's ValidationError when `document` does not fit the command's schema."""
+    only_error = set(document) - set(_Doc.model_fields) == {"error"}
+    DOCUMENTS["error" if only_error else command].model_validate(document)
+
+
+def json_schema(kind: str) -> dict[str, Any]:
+    schema = DOCUMENTS[kind].model_json_schema()
+    schema["$id"] = f"https://prunekit.dev/schemas/v{SCHEMA_VERSION}/{kind}.schema.json"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def schema_files() -> dict[Path, str]:
+    return {
+        SCHEMA_DIR / f"{kind}.schema.json": json.dumps(json_schema(kind), indent=2, sort_keys=True) + "\n"
+        for kind in DOCUMENTS
+    }
+
+
+def main() -> None:
+    """Write the schema files (`python -m prunekit.schema`); `--check` exits 1 when one is stale."""
+    check = "--check" in sys.argv[1:]
+    stale = []
+    for path, text in schema_files().items():
+        if check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(path)
+        else:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+    if stale:
+        print(f"stale schema files: {', '.join(map(str, stale))} (run python -m prunekit.schema)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
