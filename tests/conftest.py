@@ -54,3 +54,13 @@ def make_image_folder(root: Path, classes: int, train: int, val: int, size: int 
                 pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def no_result_on_stdout(stdout: str) -> bool:
+    """A failed command printed no result: nothing, or (with --json) only its error document."""
+    import json
+
+    if not stdout:
+        return True
+    doc = json.loads(stdout)
+    return set(doc) == {"schema_version", "prunekit_version", "torch_version", "command", "error"}

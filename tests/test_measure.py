@@ -48,7 +48,7 @@ def test_report_json_matches_torchvision_metadata() -> None:
     meta = torchvision_meta("resnet50")
     assert data["macs"] == pytest.approx(meta["_ops"] * 1e9, rel=0.03)
     assert data["params"] == meta["num_params"]
-    assert data["input_shape"] == [1, 3, 224, 224]
+    assert data["input_shape"] == [3, 224, 224]
     assert {row["name"] for row in data["modules"]} >= {"conv1", "layer1", "layer4", "fc"}
     assert result.stderr == ""
 

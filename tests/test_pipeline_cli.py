@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, no_result_on_stdout
 from typer.testing import CliRunner
 
 import prunekit
@@ -429,7 +429,7 @@ def assert_user_error(result: Any, *fragments: str) -> str:
     """Exit code 2, nothing on stdout, exactly one `error: ...` line on stderr (the last; progress lines
     such as `finetune: ...` may come before it), no traceback."""
     assert result.exit_code == 2, (result.stdout, result.stderr)
-    assert result.stdout == ""
+    assert no_result_on_stdout(result.stdout)
     lines = result.stderr.splitlines()
     assert lines[-1].startswith("error: ") and sum(x.startswith("error: ") for x in lines) == 1, result.stderr
     assert all(x.startswith(("error: ", "finetune: ", "run: ")) for x in lines), result.stderr
@@ -584,7 +584,7 @@ def test_bad_input_through_the_entry_point(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     proc = prunekit_cli("slim", bad, "-o", tmp_path / "out.onnx", "--json")
     assert proc.returncode == 2
-    assert proc.stdout == ""
+    assert no_result_on_stdout(proc.stdout)
     assert (
         proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     )

@@ -95,7 +95,8 @@ def emit_json(obj: Any, command: str, file: TextIO | None = None) -> None:
     from prunekit.schema import envelope, validate
 
     file = sys.stdout if file is None else file
-    document = envelope(command) | to_jsonable(obj)
+    head = envelope(command)
+    document = head | {k: v for k, v in to_jsonable(obj).items() if k not in head}
     validate(command, document)  # a mismatch is a bug in prunekit: it raises before printing
     file.write(json.dumps(document, indent=2) + "\n")
     file.flush()

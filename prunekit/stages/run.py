@@ -21,6 +21,7 @@ from prunekit.errors import AccuracyGateError, ConfigError, DataError, Interrupt
 from prunekit.fileio import atomic_write_text, check_writable, remove_stale_temporaries
 from prunekit.models import load_model
 from prunekit.runtime import resolve_runtime
+from prunekit.schema import envelope
 from prunekit.stages.finetune import FinetuneCallbacks, best_path, data_loaders, finetune_to_files
 from prunekit.stages.gate import gate
 from prunekit.stages.slim import SlimOutputs, slim, write_slim
@@ -145,7 +146,7 @@ def _failure_report(
 ) -> None:
     """report.json for a run that stopped in `stage`: what was done, which files exist, and why it
     stopped. The error carries the document (`error.report`) for `run --json` to print."""
-    report = {
+    report = envelope("run") | {
         "config": config.to_dict(),
         "files": {k: str(v) for k, v in files.items() if v.exists() or k == "report"},
         "gate": done.get("gate"),
@@ -171,7 +172,7 @@ def _report(
     after = slim["accuracy"]["slim"]
     drop = 100.0 * (before - after)
     allowed = config.max_accuracy_drop
-    report = {
+    report = envelope("run") | {
         "config": config.to_dict(),
         "files": {k: str(v) for k, v in files.items() if v.exists() or k == "report"},
         "gate": gate,
