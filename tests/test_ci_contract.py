@@ -220,3 +220,23 @@ def test_report_on_a_checkpoint_shows_the_decided_macs_slim_gives(
     assert info["target_macs"] == 0.5 and [h["epoch"] for h in info["history"]] == [1]
     text = CliRunner().invoke(app, ["report", str(out)]).stdout
     assert "Decided MACs" in text and f"({slimmed['macs']:,})" in text and "History" in text
+
+
+def test_run_writes_plots_when_matplotlib_is_there(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")  # installed by `make test` (the dev extra): this runs in CI
+    from PIL import Image
+
+    _, data = tiny
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["run", str(_config(tmp_path, data, epochs=2)), "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    for key, name in (("plot_training", "training.png"), ("plot_widths", "widths.png")):
+        assert files[key] == str(out / name)
+        with Image.open(files[key]) as image:  # a real PNG, decodable, of a plot's size
+            assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 200
+            image.load()
+    rows = read_metrics(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows if r["kind"] == "epoch"] == [1, 2]

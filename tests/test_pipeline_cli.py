@@ -283,6 +283,23 @@ def test_example_config_parses() -> None:
     assert sum(line.lstrip().startswith("#") for line in text.splitlines()) >= 5  # documented
 
 
+def test_example_config_lists_every_option_at_its_default() -> None:
+    """examples/run.toml documents every key of [gates], [finetune] and [slim] with the real default
+    (options whose default is "none" are commented out), so the example never drifts from the code."""
+    from prunekit.config import FinetuneConfig, GateConfig, SlimConfig, defaults
+
+    data = tomllib.loads((EXAMPLES / "run.toml").read_text())
+    text = (EXAMPLES / "run.toml").read_text()
+    for section, cls in (("gates", GateConfig), ("finetune", FinetuneConfig), ("slim", SlimConfig)):
+        given = {("lam" if k == "lambda" else k): v for k, v in data[section].items()}
+        given.pop("data", None)
+        given.pop("target_macs", None)  # required: no default
+        expected = {k: v for k, v in defaults(cls).items() if v is not None}
+        assert given == expected, section
+        for key in (k for k, v in defaults(cls).items() if v is None):
+            assert f"# {key} = " in text, key  # documented, commented out
+
+
 def test_example_ci_script() -> None:
     script = EXAMPLES / "ci.sh"
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)

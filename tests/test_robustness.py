@@ -629,7 +629,16 @@ def test_a_second_run_in_a_directory_leaves_none_of_the_first_runs_files(tmp_pat
     report = json.loads((run_dir / "report.json").read_text())
     assert not (run_dir / "model.onnx").exists() and not killed.exists()
     assert (run_dir / "notes.txt").read_text() == "mine"
-    assert set(report["files"]) <= {"gated", "tuned", "slim", "plan", "metrics", "report"}
+    assert set(report["files"]) <= {
+        "gated",
+        "tuned",
+        "slim",
+        "plan",
+        "metrics",
+        "report",
+        "plot_training",
+        "plot_widths",
+    }
     assert all(Path(p).exists() for p in report["files"].values())
 
 

@@ -20,6 +20,7 @@ from prunekit.config import RunConfig
 from prunekit.errors import AccuracyGateError, ConfigError, DataError, Interrupted, PrunekitError
 from prunekit.fileio import atomic_write_text, check_writable, remove_stale_temporaries
 from prunekit.models import load_model
+from prunekit.plots import PLOT_FILES, write_run_plots
 from prunekit.runtime import resolve_runtime
 from prunekit.schema import envelope
 from prunekit.stages.finetune import FinetuneCallbacks, best_path, data_loaders, finetune_to_files
@@ -33,6 +34,7 @@ RUN_FILES = {
     "slim": "model.pt",
     "plan": "plan.json",
     "metrics": "metrics.csv",
+    **PLOT_FILES,  # with matplotlib installed
     "report": "report.json",
 }
 
@@ -168,6 +170,7 @@ def _report(
     tuned: dict[str, Any],
     slim: dict[str, Any],
 ) -> dict[str, Any]:
+    write_run_plots(tuned["history"], slim["widths"], out_dir)
     before = tuned["baseline_val_acc"]
     after = slim["accuracy"]["slim"]
     drop = 100.0 * (before - after)
