@@ -37,6 +37,7 @@ class OneLineErrors(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        _bare_flags(self)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         from prunekit.cli import render
@@ -66,11 +67,20 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _bare_flags(group: TyperGroup) -> None:
+    """Flags (`--json`, `--resume`, ...) take no value: show none in --help, instead of Typer's `<bool>`."""
+    commands = [group, *group.commands.values()]
+    for command in commands:
+        for param in command.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+
+
 app = typer.Typer(
     name="prunekit",
     cls=OneLineErrors,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,  # bugs keep their plain traceback; user errors never get one
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -94,8 +104,9 @@ def _root(
 ) -> None:
     """Prune classifiers (torchvision, timm, your own) with learned channel gates, slim them, export ONNX.
 
-    Every command takes --json (one JSON document on stdout). Exit codes: 0 success, 2 bad input,
-    3 accuracy gate failed, 130 interrupted, 1 a bug in prunekit.
+    Every command takes --json (one JSON document on stdout, docs/json-schema.md). Exit codes: 0 success,
+    2 bad input, 3 accuracy gate failed, 130 interrupted, 143 terminated (SIGTERM), 141 stdout closed,
+    1 a bug in prunekit (docs/robustness.md).
     """
 
 

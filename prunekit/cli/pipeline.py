@@ -51,23 +51,38 @@ def gate_command(
     ],
     output: OutOption,
     weights: Annotated[
-        str | None, typer.Option(help="torchvision weights name (hub cache) or a state_dict file.")
+        str | None,
+        typer.Option(
+            help="torchvision weights name (hub cache) or a state_dict file.", rich_help_panel="Model"
+        ),
     ] = None,
     model_arg: ModelArgOption = None,
     num_classes: Annotated[
-        int | None, typer.Option(min=1, help="Classifier outputs (new head if it differs).")
+        int | None,
+        typer.Option(min=1, help="Classifier outputs (new head if it differs).", rich_help_panel="Model"),
     ] = None,
     shape: InputShapeOption = None,
-    granularity: Annotated[int, typer.Option(min=1, help="Channels per gate.")] = G["granularity"],
+    granularity: Annotated[int, typer.Option(min=1, help="Channels per gate.", rich_help_panel="Gates")] = G[
+        "granularity"
+    ],
     min_keep: Annotated[
-        float, typer.Option(min=0.0, max=0.95, help="Fraction of each group always kept.")
+        float,
+        typer.Option(min=0.0, max=0.95, help="Fraction of each group always kept.", rich_help_panel="Gates"),
     ] = G["min_keep"],
     mean: Annotated[
-        str | None, typer.Option(help="Input normalisation mean per channel, e.g. 0.485,0.456,0.406.")
+        str | None,
+        typer.Option(
+            help="Input normalisation mean per channel, e.g. 0.485,0.456,0.406.", rich_help_panel="Model"
+        ),
     ] = None,
-    std: Annotated[str | None, typer.Option(help="Input normalisation std per channel.")] = None,
+    std: Annotated[
+        str | None, typer.Option(help="Input normalisation std per channel.", rich_help_panel="Model")
+    ] = None,
     seed: Annotated[
-        int, typer.Option(help="Seed for any random initialisation (no weights, a new head).")
+        int,
+        typer.Option(
+            help="Seed for any random initialisation (no weights, a new head).", rich_help_panel="Model"
+        ),
     ] = 0,
     json_output: JsonOption = False,
 ) -> None:
@@ -102,53 +117,95 @@ def finetune_command(
     ctx: typer.Context,
     gated: Annotated[Path, typer.Argument(help="Checkpoint written by `prunekit gate`.")],
     output: OutOption,
-    data: Annotated[str, typer.Option(help="ImageFolder root (train/ + val/ or test/), or `builtin`.")] = "",
+    data: Annotated[
+        str,
+        typer.Option(help="ImageFolder root (train/ + val/ or test/), or `builtin`.", rich_help_panel="Data"),
+    ] = "",
     target_macs: Annotated[
-        float | None, typer.Option(help="Fraction of the model's MACs to keep, e.g. 0.5.")
+        float | None,
+        typer.Option(help="Fraction of the model's MACs to keep, e.g. 0.5.", rich_help_panel="Objective"),
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = FT["epochs"],
+    epochs: Annotated[int, typer.Option(min=1, rich_help_panel="Optimisation")] = FT["epochs"],
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Examples per step and per process (under torchrun: x processes).")
+        int,
+        typer.Option(
+            min=1,
+            help="Examples per step and per process (under torchrun: x processes).",
+            rich_help_panel="Optimisation",
+        ),
     ] = FT["batch_size"],
-    lr: Annotated[float, typer.Option(help="Weights: SGD learning rate (cosine decay).")] = FT["lr"],
-    gate_lr: Annotated[float, typer.Option(help="Gate logits: Adam learning rate.")] = FT["gate_lr"],
-    weight_decay: Annotated[float, typer.Option(min=0.0)] = FT["weight_decay"],
-    lam: Annotated[float, typer.Option("--lambda", min=0.0, help="Weight of the activation loss.")] = FT[
-        "lam"
+    lr: Annotated[
+        float, typer.Option(help="Weights: SGD learning rate (cosine decay).", rich_help_panel="Optimisation")
+    ] = FT["lr"],
+    gate_lr: Annotated[
+        float, typer.Option(help="Gate logits: Adam learning rate.", rich_help_panel="Optimisation")
+    ] = FT["gate_lr"],
+    weight_decay: Annotated[float, typer.Option(min=0.0, rich_help_panel="Optimisation")] = FT[
+        "weight_decay"
     ],
-    tau: Annotated[float, typer.Option(help="Gumbel-softmax temperature.")] = FT["tau"],
-    tau_end: Annotated[float | None, typer.Option(help="Anneal tau to this by the decision point.")] = FT[
-        "tau_end"
+    lam: Annotated[
+        float,
+        typer.Option("--lambda", min=0.0, help="Weight of the activation loss.", rich_help_panel="Objective"),
+    ] = FT["lam"],
+    tau: Annotated[float, typer.Option(help="Gumbel-softmax temperature.", rich_help_panel="Objective")] = FT[
+        "tau"
     ],
-    one_sided: Annotated[bool, typer.Option("--one-sided", help="Penalise only MACs above the target.")] = FT[
-        "one_sided"
-    ],
+    tau_end: Annotated[
+        float | None,
+        typer.Option(help="Anneal tau to this by the decision point.", rich_help_panel="Objective"),
+    ] = FT["tau_end"],
+    one_sided: Annotated[
+        bool,
+        typer.Option("--one-sided", help="Penalise only MACs above the target.", rich_help_panel="Objective"),
+    ] = FT["one_sided"],
     decide_at: Annotated[
-        float, typer.Option(help="Share of training after which gate decisions are fixed.")
+        float,
+        typer.Option(
+            help="Share of training after which gate decisions are fixed.", rich_help_panel="Objective"
+        ),
     ] = FT["decide_at"],
     distill: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Distillation weight from the ungated model.")
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Distillation weight from the ungated model.",
+            rich_help_panel="Optimisation",
+        ),
     ] = FT["distill"],
     bn_recalibrate: Annotated[
-        int, typer.Option(min=0, help="Batches to re-estimate BatchNorm before eval.")
+        int,
+        typer.Option(
+            min=0, help="Batches to re-estimate BatchNorm before eval.", rich_help_panel="Optimisation"
+        ),
     ] = FT["bn_recalibrate"],
-    workers: Annotated[int, typer.Option(min=0)] = FT["workers"],
-    seed: Annotated[int, typer.Option()] = FT["seed"],
-    device: Annotated[Device, typer.Option(help="Where to train.")] = DEFAULT_DEVICE,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = FT["amp"],
+    workers: Annotated[int, typer.Option(min=0, rich_help_panel="Data")] = FT["workers"],
+    seed: Annotated[int, typer.Option(rich_help_panel="Optimisation")] = FT["seed"],
+    device: Annotated[
+        Device, typer.Option(help="Where to train.", rich_help_panel="Runtime")
+    ] = DEFAULT_DEVICE,
+    amp: Annotated[
+        bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.", rich_help_panel="Runtime")
+    ] = FT["amp"],
     sync_bn: Annotated[
         bool,
-        typer.Option("--sync-bn", help="Under torchrun on CUDA: BatchNorm statistics over all processes."),
+        typer.Option(
+            "--sync-bn",
+            help="Under torchrun on CUDA: BatchNorm statistics over all processes.",
+            rich_help_panel="Runtime",
+        ),
     ] = FT["sync_bn"],
-    max_steps: Annotated[int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")] = FT[
-        "max_steps_per_epoch"
-    ],
+    max_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Cap on steps per epoch (quick runs).", rich_help_panel="Optimisation"),
+    ] = FT["max_steps_per_epoch"],
     strict_data: Annotated[
         bool,
         typer.Option(
             "--strict-data",
             help="Image files that do not decode are an error (checked by decoding every file before "
             "training); by default they are skipped with a warning.",
+            rich_help_panel="Data",
         ),
     ] = FT["strict_data"],
     source: SourceOption = None,
@@ -158,6 +215,7 @@ def finetune_command(
             "--resume",
             help="Continue the run saved at --output. Only --epochs (more), --workers, --device and --amp "
             "may change; any other option that differs from the saved run is an error.",
+            rich_help_panel="Runtime",
         ),
     ] = False,
     json_output: JsonOption = False,
@@ -218,21 +276,35 @@ def slim_command(
     export: Annotated[
         Export,
         typer.Option(
-            help="onnx: write ONNX at -o and the slim checkpoint beside it; none: only the checkpoint."
+            help="onnx: write ONNX at -o and the slim checkpoint beside it; none: only the checkpoint.",
+            rich_help_panel="Export",
         ),
     ] = DEFAULT_EXPORT,
-    plan: Annotated[Path | None, typer.Option(help="Slim by this plan JSON instead of the gates.")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Verify and measure accuracy on this data (else random inputs).")
+    plan: Annotated[
+        Path | None,
+        typer.Option(help="Slim by this plan JSON instead of the gates.", rich_help_panel="Plan and checks"),
     ] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = SL["opset"],
-    latency: Annotated[bool, typer.Option("--latency", help="Time original vs slim in onnxruntime.")] = SL[
-        "latency"
-    ],
-    threads: Annotated[int, typer.Option(min=1, help="Threads for --latency.")] = SL["threads"],
-    save_plan: Annotated[Path | None, typer.Option(help="Also write the channel plan as JSON here.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Verify and measure accuracy on this data (else random inputs).",
+            rich_help_panel="Plan and checks",
+        ),
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.", rich_help_panel="Export")] = SL["opset"],
+    latency: Annotated[
+        bool,
+        typer.Option("--latency", help="Time original vs slim in onnxruntime.", rich_help_panel="Latency"),
+    ] = SL["latency"],
+    threads: Annotated[
+        int, typer.Option(min=1, help="Threads for --latency.", rich_help_panel="Latency")
+    ] = SL["threads"],
+    save_plan: Annotated[
+        Path | None, typer.Option(help="Also write the channel plan as JSON here.", rich_help_panel="Export")
+    ] = None,
     slim_checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="Where to write the slim checkpoint.")
+        Path | None,
+        typer.Option("--checkpoint", help="Where to write the slim checkpoint.", rich_help_panel="Export"),
     ] = None,
     source: SourceOption = None,
     json_output: JsonOption = False,
