@@ -36,7 +36,7 @@ def run_once(
         "0.5",
         "--epochs",
         "1",
-        "--max-steps",
+        "--max-steps-per-epoch",
         str(steps),
         "--batch-size",
         str(per_process),

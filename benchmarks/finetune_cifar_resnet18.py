@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=0.7)
     ap.add_argument("--min-keep", type=float, default=0.5)
     ap.add_argument("--granularity", type=int, default=8)
-    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None)
     ap.add_argument("--workdir", default="/tmp/pk-bench")
     ap.add_argument("--out", default="benchmarks/results/cifar_resnet18.json")
     args = ap.parse_args()

@@ -12,7 +12,7 @@ counted by one counter (prunekit.measure.count_macs, fvcore) on the final model.
     python benchmarks/peers.py --data /tmp/cifar10 --out benchmarks/results/peers.json
     # a smoke run in seconds (random weights, built-in data):
     python benchmarks/peers.py --data builtin --weights none --targets 0.5 --epochs 1 --seeds 0 \\
-        --distill 0 --max-steps 2 --out /tmp/peers.json --plot /tmp/peers.png --doc /tmp/peers.md
+        --distill 0 --max-steps-per-epoch 2 --out /tmp/peers.json --plot /tmp/peers.png --doc /tmp/peers.md
 
 The full grid (3 targets x 2 budgets x 2 seeds x 2 distillation settings x 5 methods = 120 runs) takes
 about 8-10 hours on 2 CPU cores; results are written after every run, so it can be read as it goes.
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--granularity", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     ap.add_argument("--eval-batches", type=int, default=None, help="cap validation batches (smoke runs)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/benchmarks-peers.png"))

@@ -152,7 +152,7 @@ _FINETUNE_OPTIONS = set(defaults(FinetuneConfig)) - {"gate_weight_decay"}
 @pytest.mark.parametrize(
     ("command", "cls", "renames", "options"),
     [
-        ("finetune", FinetuneConfig, {"max_steps": "max_steps_per_epoch"}, _FINETUNE_OPTIONS),
+        ("finetune", FinetuneConfig, {}, _FINETUNE_OPTIONS),
         ("gate", GateConfig, {}, {"granularity", "min_keep"}),
         ("slim", SlimConfig, {}, {"export", "opset", "latency", "threads"}),
     ],

@@ -21,7 +21,7 @@ def test_peers_benchmark_smoke(tmp_path: Path) -> None:
     args += [
         "--distill",
         "0.7",
-        "--max-steps",
+        "--max-steps-per-epoch",
         "1",
         "--batch-size",
         "16",

@@ -125,8 +125,8 @@ def test_two_processes_write_once_decide_alike_and_evaluate_exactly(gated: Path,
 
 def test_torchrun_cli_prints_once(gated: Path, tmp_path: Path) -> None:
     proc = torchrun(
-        "-m", "prunekit", "finetune", gated, "-o", "tuned.pt", *FINETUNE, "--epochs", "1", "--max-steps", "3",
-        "--json", cwd=tmp_path,
+        "-m", "prunekit", "finetune", gated, "-o", "tuned.pt", *FINETUNE, "--epochs", "1",
+        "--max-steps-per-epoch", "3", "--json", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)  # exactly one JSON document: rank 1 printed nothing
@@ -166,7 +166,7 @@ def test_a_killed_rank_ends_the_run_and_the_last_checkpoint_resumes(gated: Path,
         *FINETUNE,
         "--epochs",
         "3",
-        "--max-steps",
+        "--max-steps-per-epoch",
         "25",
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}

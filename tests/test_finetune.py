@@ -365,7 +365,7 @@ def test_interrupt_then_resume(
         "2",
         "--batch-size",
         "8",
-        "--max-steps",
+        "--max-steps-per-epoch",
         "2",
         "--workers",
         "0",

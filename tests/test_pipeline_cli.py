@@ -85,7 +85,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "0.5",
         "--epochs",
         "1",
-        "--max-steps",
+        "--max-steps-per-epoch",
         "3",
         "--batch-size",
         "16",
@@ -469,7 +469,7 @@ def _bad_cases(e2e: dict[str, Any], data3: Path, tmp: Path) -> dict[str, tuple[l
             {"format": "prunekit-plan", "version": 1, "groups": [{"name": "x", "units": 4, "keep": [0]}]}
         )
     )
-    ft = ["finetune", str(d / "gated.pt"), "--epochs", "1", "--max-steps", "1", "--workers", "0"]
+    ft = ["finetune", str(d / "gated.pt"), "--epochs", "1", "--max-steps-per-epoch", "1", "--workers", "0"]
     return {
         "slim-a-slim-checkpoint": (
             ["slim", str(d / "slim.pt"), "-o", "out.onnx"],

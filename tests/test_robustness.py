@@ -36,7 +36,8 @@ from prunekit.stages.finetune import FinetuneCallbacks, finetune_stage
 from prunekit.stages.gate import gate_stage
 
 EXE = Path(sys.executable).parent / "prunekit"
-FT = ["--target-macs", "0.5", "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--device", "cpu"]
+FT = ["--target-macs", "0.5", "--batch-size", "8", "--max-steps-per-epoch", "1"]
+FT += ["--workers", "0", "--device", "cpu"]
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -465,7 +466,7 @@ def test_meaningless_normalisation_is_refused_at_gate(
         (["--batch-size", "0"], "--batch-size"),
         (["--workers", "-1"], "--workers"),
         (["--distill", "2"], "--distill"),
-        (["--max-steps", "0"], "--max-steps"),
+        (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch"),
         (["--epochs", "1.5"], "--epochs"),
         (["--target-macs", "1.5"], "target_macs must be between 0 and 1"),
         (["--target-macs", "nan"], "target_macs must be a finite number"),

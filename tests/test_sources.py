@@ -232,7 +232,7 @@ def test_resnet20_end_to_end_through_the_cli(tmp_path: Path) -> None:
         "0.5",
         "--epochs",
         "1",
-        "--max-steps",
+        "--max-steps-per-epoch",
         "3",
         "--workers",
         "0",

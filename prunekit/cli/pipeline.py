@@ -107,8 +107,8 @@ def gate_command(
         render.render_gate(result, str(output))
 
 
-# finetune option name -> FinetuneConfig field, where they differ
-_FINETUNE_FIELDS = {"max_steps": "max_steps_per_epoch"}
+# finetune option name -> FinetuneConfig field, where they differ (one name per option: none now)
+_FINETUNE_FIELDS: dict[str, str] = {}
 
 
 @app.command("finetune", rich_help_panel=PIPELINE)
@@ -195,7 +195,7 @@ def finetune_command(
             rich_help_panel="Runtime",
         ),
     ] = FT["sync_bn"],
-    max_steps: Annotated[
+    max_steps_per_epoch: Annotated[
         int | None,
         typer.Option(min=1, help="Cap on steps per epoch (quick runs).", rich_help_panel="Optimisation"),
     ] = FT["max_steps_per_epoch"],
