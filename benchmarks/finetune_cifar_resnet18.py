@@ -106,7 +106,7 @@ def main() -> None:
         decide_at=args.decide_at,
         distill=args.distill,
         workers=2,
-        max_steps_per_epoch=args.max_steps,
+        max_steps_per_epoch=args.max_steps_per_epoch,
     )
     tuned = finetune_stage(
         work / "gated.pt",

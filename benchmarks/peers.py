@@ -131,7 +131,9 @@ def plain_finetune(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=WEIGHT_DECAY
     )
     steps_per_epoch = (
-        len(loaders.train) if args.max_steps is None else min(args.max_steps, len(loaders.train))
+        len(loaders.train)
+        if args.max_steps_per_epoch is None
+        else min(args.max_steps_per_epoch, len(loaders.train))
     )
     total = max(1, steps_per_epoch * epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -170,7 +172,7 @@ def run_one(model, spec, loaders, method, target, epochs, seed, distill, args) -
             distill=distill,
             seed=seed,
             workers=args.workers,
-            max_steps_per_epoch=args.max_steps,
+            max_steps_per_epoch=args.max_steps_per_epoch,
             weight_decay=WEIGHT_DECAY,
         )
         tuned = prunekit.finetune(gated, loaders.train, loaders.val, config=config)
