@@ -300,6 +300,54 @@ def test_example_config_lists_every_option_at_its_default() -> None:
             assert f"# {key} = " in text, key  # documented, commented out
 
 
+def _workflow_steps() -> list[dict[str, Any]]:
+    yaml = pytest.importorskip("yaml")
+    workflow = yaml.safe_load((EXAMPLES / "github-actions.yml").read_text())
+    return workflow["jobs"]["prune"]["steps"]
+
+
+def test_github_actions_example_works_outside_a_checkout() -> None:
+    steps = _workflow_steps()
+    uses = [s.get("uses", "") for s in steps]
+    runs = "\n".join(s.get("run", "") for s in steps)
+    assert not any(u.startswith("actions/checkout") for u in uses)  # nothing of prunekit's repository
+    assert "examples/" not in runs and "constraints.txt" not in runs and "-e ." not in runs
+    assert "--index-url https://download.pytorch.org/whl/cpu torch torchvision" in runs  # CPU wheels
+    assert 'pip install "$PRUNEKIT_SPEC"' in runs
+    assert 'weights = "demo-run/pretrained.pth"' in runs  # real (trained) weights, not a random init
+    assert "--max-accuracy-drop" in runs and "--json" in runs
+    upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact"))
+    assert upload["if"] == "always()"
+
+
+@pytest.mark.slow
+def test_github_actions_example_commands_for_real(tmp_path: Path) -> None:
+    """The workflow's own shell steps, in order, with this checkout's prunekit instead of the install step
+    and short epochs: the demo's weights, the config, the gated run and its exit-code handling."""
+    steps = [s for s in _workflow_steps() if "run" in s and "pip install" not in s["run"]]
+    env = os.environ | {
+        "PATH": f"{EXE.parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PRETRAIN_EPOCHS": "1",
+        "MAX_ACCURACY_DROP": "100",
+        "RUN_DIR": "runs/ci",
+        "EXTRA_ARGS": "--epochs 1",
+    }
+    for step in steps:
+        proc = subprocess.run(
+            ["bash", "-e", "-c", step["run"]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert proc.returncode == 0, (step["name"], proc.stdout[-2000:], proc.stderr[-2000:])
+    doc = json.loads((tmp_path / "result.json").read_text())
+    assert doc["summary"]["passed"] is True and doc["config"]["model"]["weights"] == "demo-run/pretrained.pth"
+    assert (tmp_path / "runs" / "ci" / "model.onnx").is_file()
+
+
 def test_example_ci_script() -> None:
     script = EXAMPLES / "ci.sh"
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
