@@ -240,3 +240,50 @@ def test_run_writes_plots_when_matplotlib_is_there(tiny: tuple[Path, Path], tmp_
             image.load()
     rows = read_metrics(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_tensorboard_logs_the_training_curve(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")  # installed by `make test` (the dev extra): this runs in CI
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    gated, data = tiny
+    board = tmp_path / "tb"
+    args = ["finetune", str(gated), "--data", str(data), "--target-macs", "0.5", "--epochs", "2"]
+    result = CliRunner().invoke(
+        app,
+        [
+            *args,
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "-o",
+            str(tmp_path / "t.pt"),
+            "--tensorboard",
+            str(board),
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    events = EventAccumulator(str(board))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "val/accuracy", "macs/fraction_kept"} <= set(scalars)
+    assert [e.step for e in events.Scalars("val/accuracy")] == [3, 6]  # 3 steps per epoch
+    assert len(events.Scalars("train/loss")) == 6
+
+
+def test_tensorboard_without_the_extra_is_refused_before_work(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    gated, data = tiny
+    out = tmp_path / "t.pt"
+    args = ["finetune", str(gated), "--data", str(data), "--target-macs", "0.5", "-o", str(out)]
+    result = CliRunner().invoke(app, [*args, "--tensorboard", str(tmp_path / "tb")])
+    assert result.exit_code == 2 and "pip install 'prunekit[tensorboard]'" in result.stderr
+    assert not out.exists() and not (tmp_path / "tb").exists()

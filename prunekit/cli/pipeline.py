@@ -218,6 +218,7 @@ def finetune_command(
             rich_help_panel="Runtime",
         ),
     ] = False,
+    tensorboard: TensorboardOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Train the gates toward a MACs target (and the weights with them); checkpoint every epoch."""
@@ -239,6 +240,7 @@ def finetune_command(
     progress.begin("finetune", f"{'resuming ' + str(output) if resume else str(gated)} on {data}")
     from prunekit.stages.finetune import finetune_stage
 
+    callbacks, board = _with_tensorboard(progress.callbacks(), tensorboard)
     try:
         result = finetune_stage(
             gated,
@@ -247,17 +249,39 @@ def finetune_command(
             config,
             resume=resume,
             overrides=overrides,
-            callbacks=progress.callbacks(),
+            callbacks=callbacks,
             source=source,
         ).to_dict()
     finally:
         progress.stop()
+        if board is not None:
+            board.close()
     if not is_primary_process():
         return
     if json_output:
         render.emit_json(result, "finetune")
     else:
         render.render_finetune(result)
+
+
+TensorboardOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        help="Also log the training curve as TensorBoard scalars in this directory (extra: tensorboard).",
+        file_okay=False,
+    ),
+]
+
+
+def _with_tensorboard(callbacks: Any, logdir: Path | None) -> tuple[Any, Any]:
+    """`callbacks` plus a TensorBoard writer's when --tensorboard is given (checked before any work)."""
+    if logdir is None or not is_primary_process():
+        return callbacks, None
+    from prunekit.tensorboard_log import TensorboardLog
+
+    board = TensorboardLog(logdir)
+    return callbacks.also(board.callbacks()), board
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -344,11 +368,16 @@ def run_command(
         float | None, typer.Option(help="Override target_macs in the finetune section.")
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Override epochs in the finetune section.")] = None,
+    tensorboard: TensorboardOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Run gate -> finetune -> slim -> export from one config file; write report.json (for CI)."""
     from prunekit.config import load_run_config
 
+    if tensorboard is not None:  # before any work: a missing extra is bad input, not a late failure
+        from prunekit.tensorboard_log import check_available
+
+        check_available()
     cfg = load_run_config(
         config,
         {
@@ -362,7 +391,12 @@ def run_command(
     def job(progress: Progress) -> dict[str, Any]:
         from prunekit.stages.run import run_pipeline  # imports torch: after the first line
 
-        return run_pipeline(cfg, out_dir, progress.callbacks(), _stage(progress))
+        callbacks, board = _with_tensorboard(progress.callbacks(), tensorboard)
+        try:
+            return run_pipeline(cfg, out_dir, callbacks, _stage(progress))
+        finally:
+            if board is not None:
+                board.close()
 
     _run_and_render(job, json_output, "run", ("run", f"{config} into {out_dir} (config checked)"))
 
