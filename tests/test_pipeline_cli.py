@@ -423,19 +423,6 @@ def test_example_ci_script_for_real(data10: Path, tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text())["summary"] == result["summary"]
 
 
-def test_example_workflow() -> None:
-    text = (EXAMPLES / "github-actions.yml").read_text()
-    for needle in ("pip install -c constraints.txt -e .", "examples/ci.sh", "actions/upload-artifact"):
-        assert needle in text
-    assert "jobs:" in text.splitlines()  # a top-level `jobs` key (parsed for real below, with PyYAML)
-
-
-def test_example_workflow_is_valid_yaml() -> None:
-    yaml = pytest.importorskip("yaml", reason="PyYAML (not a prunekit dependency) parses the workflow")
-    workflow = yaml.safe_load((EXAMPLES / "github-actions.yml").read_text())
-    assert "jobs" in workflow
-
-
 def test_run_writes_every_file_and_a_faithful_report(data10: Path, tmp_path: Path) -> None:
     config = tiny_run_config(tmp_path / "run.toml", data10)
     out = tmp_path / "run"
