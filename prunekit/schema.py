@@ -135,7 +135,7 @@ class FinetuneDoc(_Doc):
     final: Row
     target_macs: float
     macs_before: int
-    expected_macs: float
+    expected_macs: int
 
 
 class SlimDoc(_Doc):

@@ -116,7 +116,7 @@ class FinetuneResult:
             "final": self.final,
             "target_macs": self.config.target_macs,
             "macs_before": self.budget.total_macs,
-            "expected_macs": self.expected_macs,
+            "expected_macs": round(self.expected_macs),  # a count: an integer
         }
 
 
