@@ -72,7 +72,7 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         "extra": ckpt.extra,
         "state_dict": {k: v.detach().cpu() for k, v in unwrap(ckpt.model).state_dict().items()},
     }
-    with atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path), fsync=True) as tmp:  # on disk before it replaces the previous one
         torch.save(data, tmp)
 
 

@@ -151,7 +151,7 @@ def image_folder_loaders(
         if not val_idx:
             raise DataError(f"too few images in {folder} to hold out a validation split")
         classes = tuple(full_train.classes)
-        train, val = Subset(full_train, train_idx), Subset(full_val, val_idx)
+        train, val = SplitSubset(full_train, train_idx), SplitSubset(full_val, val_idx)
     train = _decoded(train, train_parts, input_shape, strict)
     val = _decoded(val, val_parts, input_shape, strict)
     return _loaders(train, val, classes, batch_size, workers, seed, train_sampler, val_sampler, pin_memory)
@@ -271,8 +271,12 @@ class DecodedImages(Dataset):
         failed = [(p, r) for (p, _), r in zip(samples, loaded, strict=True) if isinstance(r, str)]
         if failed:
             _unreadable(failed, strict, "")
+            before = {label for _, label in samples}
             samples = [s for s, r in zip(samples, loaded, strict=True) if not isinstance(r, str)]
             loaded = [r for r in loaded if not isinstance(r, str)]
+            lost = sorted(before - {label for _, label in samples})
+            if lost:  # every image of a class was unreadable: training would silently miss it
+                raise DataError(f"class(es) {lost[:5]} have no image that decodes (see the warning above)")
         images: list[torch.Tensor] = loaded  # type: ignore[assignment]
         if len({tuple(t.shape) for t in images}) > 1:  # other aspect ratios: no single tensor
             raise _Ragged()
@@ -387,8 +391,12 @@ class TolerantImageFolder(datasets.ImageFolder):
         self.strict = strict
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
+        return self.tolerant_item(range(len(self.samples)), index)
+
+    def tolerant_item(self, split: Sequence[int], position: int) -> tuple[Any, int]:
+        """Item `split[position]`, or the next one of `split` that decodes."""
+        for attempt in range(len(split)):
+            i = split[(position + attempt) % len(split)]
             try:
                 return super().__getitem__(i)
             except UNREADABLE as exc:
@@ -397,6 +405,17 @@ class TolerantImageFolder(datasets.ImageFolder):
                     raise DataError(f"{path} does not decode ({first_line(exc)})") from None
                 warn(f"skipped {path}: it does not decode ({first_line(exc)}); the next image stands in")
         raise DataError(f"no image of {self.root} decodes")
+
+
+class SplitSubset(Subset):
+    """A split (train or val) of one TolerantImageFolder: a stand-in for an image that does not decode
+    comes from the same split, never from the other one."""
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.dataset.tolerant_item(self.indices, index)  # type: ignore[attr-defined]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, int]]:  # what DataLoader batches call
+        return [self[i] for i in indices]
 
 
 # -- internals ---------------------------------------------------------------------------------------------
@@ -444,8 +463,10 @@ def _loaders(
     pin_memory: bool = False,
 ) -> DataLoaders:
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": workers}
-    if workers > 0:
-        common["persistent_workers"] = True
+    # the training loader's workers start afresh every epoch: their seeds then come from the loader's
+    # generator at each epoch start, which a resumed run restores, so resuming is exact with workers too
+    # (persistent workers would draw their seeds once per loader and carry RNG state across epochs)
+    val_extra: dict[str, Any] = {"persistent_workers": True} if workers > 0 else {}
     # the generator is kept even with a sampler: resume saves and restores its state
     order: dict[str, Any] = {"generator": torch.Generator().manual_seed(seed)}
     if train_sampler is None:
@@ -461,7 +482,11 @@ def _loaders(
     return DataLoaders(
         train=DataLoader(train, **order, **common),
         val=DataLoader(
-            val, shuffle=False, sampler=None if val_sampler is None else val_sampler(val), **common
+            val,
+            shuffle=False,
+            sampler=None if val_sampler is None else val_sampler(val),
+            **common,
+            **val_extra,
         ),
         num_classes=len(classes),
         classes=classes,

@@ -63,6 +63,8 @@ def atomic_path(
             if fsync:
                 _fsync(tmp)
             os.replace(tmp, path)
+            if fsync:  # the rename itself, so that power loss leaves the old file or the new one
+                _fsync(str(path.parent))
         except OSError as exc:
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
         except RuntimeError as exc:

@@ -208,10 +208,20 @@ def validate(command: str, document: dict[str, Any]) -> None:
 
 
 def json_schema(kind: str) -> dict[str, Any]:
-    schema = DOCUMENTS[kind].model_json_schema()
+    """The published schema: as the model, but open to fields added later (readers ignore fields they
+    do not know; prunekit's own check, `validate`, stays closed so that nothing is added by accident)."""
+    schema = _open(DOCUMENTS[kind].model_json_schema())
     schema["$id"] = f"https://prunekit.dev/schemas/v{SCHEMA_VERSION}/{kind}.schema.json"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
+
+
+def _open(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _open(v) for k, v in node.items() if not (k == "additionalProperties" and v is False)}
+    if isinstance(node, list):
+        return [_open(v) for v in node]
+    return node
 
 
 def schema_files() -> dict[Path, str]:

@@ -7,6 +7,7 @@ besides the declared output (a pre-existing output stays intact)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -163,6 +164,30 @@ def test_bad_images_are_skipped_with_a_warning_by_default(tiny: tuple[Path, Path
     for path in bad:
         assert str(path) in " ".join(warnings), (path, warnings)
     assert load_checkpoint(out).stage == "finetuned"
+
+
+def test_a_stand_in_comes_from_the_same_split(tmp_path: Path) -> None:
+    from prunekit.data import SplitSubset
+
+    root = make_image_folder(tmp_path / "d", classes=1, train=4, val=1, size=80)
+    folder = TolerantImageFolder(root / "train", allow_empty=True)
+    train, val = SplitSubset(folder, [0, 2]), SplitSubset(folder, [1, 3])
+    Path(folder.samples[2][0]).write_bytes(b"broken after screening")
+    expected = folder[0][0]
+    assert list(train[1][0].getdata()) == list(expected.getdata())  # 2 is broken: 0, of train, stands in
+    assert list(val[0][0].getdata()) == list(folder[1][0].getdata())
+
+
+def test_the_watchdog_speaks_when_nothing_else_does(capsys: pytest.CaptureFixture[str]) -> None:
+    from prunekit.cli.progress import Progress
+
+    progress = Progress(json_lines=False)
+    progress.heartbeat_s = 0.2
+    progress.begin("finetune", "g.pt on data")
+    time.sleep(0.7)  # a long evaluation, a slow data screening: no step, no epoch line
+    progress.stop()
+    err = capsys.readouterr().err
+    assert "... still loading the model and the data" in err, err
 
 
 def test_an_image_that_breaks_after_screening_is_replaced_not_fatal(tmp_path: Path) -> None:
@@ -348,6 +373,41 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tiny: tuple[Path, Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tuned.metrics.csv", "tuned.pt"]  # no temporary
 
 
+def test_sigterm_to_the_process_group_with_data_workers(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """What `timeout` and CI runners do: SIGTERM to every process of the job, the DataLoader workers too."""
+    gated, data = tiny
+    out = tmp_path / "tuned.pt"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    args = [
+        str(EXE),
+        "finetune",
+        str(gated),
+        "--data",
+        str(data),
+        "--target-macs",
+        "0.5",
+        "--batch-size",
+        "2",
+    ]
+    args += ["--workers", "2", "--device", "cpu", "--epochs", "200", "-o", str(out)]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert out.exists(), "no epoch in 120 s"
+        time.sleep(0.5)  # inside a later epoch, workers running
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    one_error(143, proc.returncode, stdout, stderr, "terminated (SIGTERM)", f"resume from {out}")
+    assert read_checkpoint_data(out)["training"] is not None
+
+
 def test_sigterm_in_any_command_is_one_line_143(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"
@@ -369,10 +429,23 @@ def test_sigterm_in_any_command_is_one_line_143(tmp_path: Path) -> None:
 # -- 4. resume that is exact -------------------------------------------------------------------------------
 
 
-def _run(gated: Path, data: Path, out: Path, stop_at: tuple[int, int] | None = None, resume: bool = False):  # noqa: ANN202
+def _run(  # noqa: ANN202
+    gated: Path,
+    data: Path,
+    out: Path,
+    stop_at: tuple[int, int] | None = None,
+    resume: bool = False,
+    workers: int = 0,
+):
     """finetune_stage over 3 epochs of 3 steps; `stop_at` (epoch, step): Ctrl-C right after that step."""
     config = FinetuneConfig(
-        target_macs=0.5, epochs=3, batch_size=8, workers=0, device="cpu", max_steps_per_epoch=3, decide_at=0.5
+        target_macs=0.5,
+        epochs=3,
+        batch_size=8,
+        workers=workers,
+        device="cpu",
+        max_steps_per_epoch=3,
+        decide_at=0.5,
     )
     seen = {"epoch": 1}
 
@@ -389,15 +462,19 @@ def _run(gated: Path, data: Path, out: Path, stop_at: tuple[int, int] | None = N
     return finetune_stage(gated, str(data), out, config, callbacks=callbacks)
 
 
-@pytest.mark.parametrize("stop_at", [(1, 2), (2, 2)], ids=["first-epoch", "middle-epoch"])
+@pytest.mark.parametrize(
+    "stop_at, workers",
+    [((1, 2), 0), ((2, 2), 0), ((2, 2), 2)],
+    ids=["first-epoch", "middle-epoch", "workers"],
+)
 def test_an_interrupt_mid_epoch_then_resume_equals_the_uninterrupted_run(
-    tiny: tuple[Path, Path], tmp_path: Path, stop_at: tuple[int, int]
+    tiny: tuple[Path, Path], tmp_path: Path, stop_at: tuple[int, int], workers: int
 ) -> None:
     gated, data = tiny
-    whole = _run(gated, data, tmp_path / "whole.pt")
+    whole = _run(gated, data, tmp_path / "whole.pt", workers=workers)
     out = tmp_path / "parts.pt"
     with pytest.raises(Exception) as info:
-        _run(gated, data, out, stop_at=stop_at)
+        _run(gated, data, out, stop_at=stop_at, workers=workers)
     assert type(info.value).__name__ == "Interrupted" and f"after epoch {stop_at[0] - 1}" in str(info.value)
     resumed = _run(gated, data, out, resume=True)
     for a, b in zip(whole.history, resumed.history, strict=True):

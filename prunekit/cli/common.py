@@ -110,7 +110,7 @@ def emit_error_document(command: str, message: str, exit_code: int) -> None:
     `run` does with what was done): the envelope and `error`."""
     from prunekit.cli import render
 
-    if not render.EMITTED["document"]:
+    if not render.EMITTED["document"] and is_primary_process():  # under torchrun: one document
         render.emit_json({"error": {"message": message, "exit_code": exit_code}}, command)
 
 
@@ -142,6 +142,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
+        # the clean-up that follows must not be interrupted again, nor turned into a crash by torch's
+        # SIGCHLD handler seeing DataLoader workers that the same (process-group) SIGTERM ended
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -46,6 +47,27 @@ class Progress:
         self._t0 = time.monotonic()
         self._done = 0  # steps since start
         self._images = 0
+        self.phase = "starting"
+        self._last_output = time.monotonic()
+        self._stopped = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    def _start_watchdog(self) -> None:
+        """Off a terminal, a line whenever nothing was printed for `heartbeat_s`, also while no step
+        runs (screening the data, evaluating, recalibrating): a silent CI step is never silent long."""
+        if self._watchdog is not None or self.tty or self.quiet or self.heartbeat_s < 0.1:
+            return
+        self._watchdog = threading.Thread(target=self._watch, name="prunekit-heartbeat", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(5.0, self.heartbeat_s / 2)):
+            idle = time.monotonic() - self._last_output
+            if idle >= self.heartbeat_s:
+                if self.json_lines:
+                    self.line(json.dumps({"event": "alive", "phase": self.phase, "idle_s": round(idle, 1)}))
+                else:
+                    self.line(f"... still {self.phase} ({_clock(idle)} since the last line)")
 
     def begin(self, command: str, text: str) -> None:
         """The first line, before anything slow (importing torch, loading, evaluating)."""
@@ -53,8 +75,11 @@ class Progress:
             self.line(json.dumps({"event": "begin", "command": command, "message": text}))
         else:
             self.line(f"{command}: {text}")
+        self.phase = "loading the model and the data"
+        self._start_watchdog()
 
     def baseline(self, images: int) -> None:
+        self.phase = "evaluating the baseline"
         if self.json_lines:
             self.line(json.dumps({"event": "baseline", "images": images}))
         else:
@@ -64,6 +89,8 @@ class Progress:
         self.steps = int(info.steps_per_epoch)
         self.epochs, self.start_epoch = int(info.epochs), int(info.start_epoch)
         self._t0 = self._last_beat = time.monotonic()
+        self.phase = "training"
+        self._start_watchdog()
         if self.json_lines:
             self.line(json.dumps({"event": "start", **asdict(info)}))
         else:
@@ -90,6 +117,9 @@ class Progress:
 
     def step(self, s: dict[str, float]) -> None:
         self._done += 1
+        epoch = int(s.get("epoch", 0))
+        done = int(s["step"]) >= self.steps
+        self.phase = f"evaluating epoch {epoch}" if done else f"training epoch {epoch}"
         self._images += int(s.get("images", 0))
         if self.bar is not None:
             state = "decided" if s["decided"] else f"B {s['b']:.3f}"
@@ -139,12 +169,14 @@ class Progress:
             self.line(f"pretrain epoch {fields['epoch']}: val {pct(fields['val_acc'])}")
 
     def stop(self) -> None:
+        self._stopped.set()
         if self.bar is not None:
             self.bar.stop()
 
     def line(self, text: str) -> None:
         if self.quiet:
             return
+        self._last_output = time.monotonic()
         if self.bar is not None:
             self.bar.console.print(text)
         else:

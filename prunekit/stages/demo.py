@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.config import FinetuneConfig, GateConfig, ModelSpec, RunConfig, SlimConfig
+from prunekit.errors import PrunekitError
 from prunekit.fileio import atomic_path
 from prunekit.runtime import resolve_device
 from prunekit.stages.finetune import FinetuneCallbacks
@@ -95,6 +96,13 @@ def run_demo(
     run_dir(out_dir)  # a file in the way, or an unwritable place, stops the demo before it trains
     weights = out_dir / "pretrained.pth"
     pre = pretrain(weights, epochs=pretrain_epochs, on_epoch=on_pretrain)
-    report = run_pipeline(demo_config(weights, finetune_epochs=finetune_epochs), out_dir, callbacks, on_stage)
+    try:
+        report = run_pipeline(
+            demo_config(weights, finetune_epochs=finetune_epochs), out_dir, callbacks, on_stage
+        )
+    except PrunekitError as err:  # the document of a failed run (exit 3, a stage, Ctrl-C) has it too
+        if getattr(err, "report", None) is not None:
+            err.report["pretrain"] = pre  # type: ignore[attr-defined]
+        raise
     report["pretrain"] = pre
     return report

@@ -327,6 +327,7 @@ class _EpochSaver:
         self.out, self.loaders = out, loaders
         self.best_acc = -1.0
         self.saved_epoch = resumed_epoch  # epoch of the boundary checkpoint at `out`, if any
+        self.finished = False  # the checkpoint at `out` is the final one (nothing to resume)
         self.start: dict[str, Any] | None = None
 
     def remember_start(self, session: FinetuneSession) -> None:
@@ -365,14 +366,14 @@ class _EpochSaver:
         state = (
             None if finished else tr.state() | {"train_loader_rng": self.loaders.train.generator.get_state()}
         )
-        if not session.runtime.is_primary:
-            return
-        bad = _non_finite(tr.model)
+        bad = _non_finite(tr.model)  # on every process (their weights are the same): all of them stop
         if bad is not None:
             raise TrainingError(
                 f"the weights became non-finite in epoch {tr.epoch} ({bad}): lower --lr / --gate-lr; "
                 f"{self.where()}"
             )
+        if not session.runtime.is_primary:
+            return
         if self.best_acc < 0:
             self.best_acc = max((h["val_acc"] for h in history[:-1] if h.get("within_budget")), default=-1.0)
         ckpt = self._checkpoint(session, result, state, list(history))
@@ -381,6 +382,7 @@ class _EpochSaver:
         except WriteError as exc:
             raise WriteError(f"{exc}; {self.where()}") from exc
         self.saved_epoch = tr.epoch
+        self.finished = finished
         result.files["last"] = str(self.out)
         last = history[-1] if history else None
         if last is not None and last["within_budget"] and last["decided"] and last["val_acc"] > self.best_acc:
@@ -515,13 +517,19 @@ def finetune_to_files(
     except Interrupted as exc:
         if saver.saved_epoch is None:
             raise
+        if saver.finished:
+            raise Interrupted.of(exc, f"the run had finished: {out} holds the final model") from None
         raise Interrupted.of(
             exc, f"resume from {out} (after epoch {saver.saved_epoch}) with `prunekit finetune ... --resume`"
         ) from None
     except TrainingError as exc:
-        if "checkpoint is" in str(exc):
+        if saver.where() in str(exc):
             raise
         raise TrainingError(f"{exc}; {saver.where()}") from exc
+    except torch.OutOfMemoryError as exc:  # the environment, not a bug: one line, exit 2
+        raise TrainingError(
+            f"out of memory on {runtime.device} ({first_line(exc)[:80]}): lower --batch-size; {saver.where()}"
+        ) from None
 
 
 def _load_resumed(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from prunekit.config import RunConfig
-from prunekit.errors import AccuracyGateError, ConfigError, DataError, Interrupted, PrunekitError
+from prunekit.errors import AccuracyGateError, ConfigError, DataError, Interrupted, PrunekitError, first_line
 from prunekit.fileio import atomic_write_text, check_writable, remove_stale_temporaries
 from prunekit.models import load_model
 from prunekit.plots import PLOT_FILES, write_run_plots
@@ -134,13 +134,17 @@ def run_pipeline(
         write_slim(slimmed, outputs, config.slim, reference=tuned.checkpoint)
         done["slim"] = slimmed.to_dict()
         on_stage("slim", slimmed)
+
+        stage = "report"
+        return _report(config, files, out_dir, done["gate"], done["finetune"], done["slim"])
+    except AccuracyGateError:
+        raise  # its report is complete and written
     except (PrunekitError, KeyboardInterrupt) as exc:
         error = exc if isinstance(exc, PrunekitError) else Interrupted.of(exc)
         _failure_report(config, files, done, stage, error)
         if error is exc:
             raise
         raise error from None
-    return _report(config, files, out_dir, done["gate"], done["finetune"], done["slim"])
 
 
 def _failure_report(
@@ -170,7 +174,12 @@ def _report(
     tuned: dict[str, Any],
     slim: dict[str, Any],
 ) -> dict[str, Any]:
-    write_run_plots(tuned["history"], slim["widths"], out_dir)
+    try:
+        write_run_plots(tuned["history"], slim["widths"], out_dir)
+    except Exception as exc:  # noqa: BLE001 - a plot is a convenience: it never fails the run
+        from prunekit.data import warn
+
+        warn(f"no plots written: {type(exc).__name__}: {first_line(exc)}")
     before = tuned["baseline_val_acc"]
     after = slim["accuracy"]["slim"]
     drop = 100.0 * (before - after)
