@@ -18,7 +18,7 @@ randomize = randomize_
 
 # the first line a long command prints before anything slow (`finetune: ...`, `run: ...`): progress, so it
 # may come before an error line
-PROGRESS_PREFIXES = ("finetune: ", "run: ")
+PROGRESS_PREFIXES = ("finetune: ", "run: ", "... still ")
 
 
 def message_lines(stderr: str) -> list[str]:

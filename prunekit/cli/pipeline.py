@@ -238,10 +238,11 @@ def finetune_command(
     # the first line, before importing torch and loading anything (a CI log shows life within a second)
     progress = Progress(json_output, quiet=not is_primary_process())
     progress.begin("finetune", f"{'resuming ' + str(output) if resume else str(gated)} on {data}")
-    from prunekit.stages.finetune import finetune_stage
-
-    callbacks, board = _with_tensorboard(progress.callbacks(), tensorboard)
+    board = None
     try:
+        from prunekit.stages.finetune import finetune_stage
+
+        callbacks, board = _with_tensorboard(progress.callbacks(), tensorboard)
         result = finetune_stage(
             gated,
             data,

@@ -48,6 +48,7 @@ class Progress:
         self._done = 0  # steps since start
         self._images = 0
         self.phase = "starting"
+        self._stream = sys.stderr  # the watchdog thread writes where this command's lines go
         self._last_output = time.monotonic()
         self._stopped = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -180,7 +181,7 @@ class Progress:
         if self.bar is not None:
             self.bar.console.print(text)
         else:
-            print(text, file=sys.stderr, flush=True)
+            print(text, file=self._stream, flush=True)
 
     def callbacks(self) -> Any:
         from prunekit.stages.finetune import FinetuneCallbacks
