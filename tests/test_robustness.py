@@ -174,8 +174,8 @@ def test_a_stand_in_comes_from_the_same_split(tmp_path: Path) -> None:
     train, val = SplitSubset(folder, [0, 2]), SplitSubset(folder, [1, 3])
     Path(folder.samples[2][0]).write_bytes(b"broken after screening")
     expected = folder[0][0]
-    assert list(train[1][0].getdata()) == list(expected.getdata())  # 2 is broken: 0, of train, stands in
-    assert list(val[0][0].getdata()) == list(folder[1][0].getdata())
+    assert train[1][0].tobytes() == expected.tobytes()  # 2 is broken: 0, of train, stands in
+    assert val[0][0].tobytes() == folder[1][0].tobytes()
 
 
 def test_the_watchdog_speaks_when_nothing_else_does(capsys: pytest.CaptureFixture[str]) -> None:
