@@ -114,9 +114,7 @@ def note(message: str) -> None:
 def render_report(report: TargetReport, out: Console | None = None) -> None:
     """Summary of a `prunekit report`, then the per-module table when there is one."""
     out = out or console()
-    summary = Table(show_header=False, box=None, pad_edge=False)
-    summary.add_column(style="bold")
-    summary.add_column()
+    summary = _Rows()
     summary.add_row("Target", report.target)
     if report.model is not None and report.model != report.target:
         summary.add_row("Architecture", report.model)
@@ -139,14 +137,33 @@ def render_report(report: TargetReport, out: Console | None = None) -> None:
             f"({report.latency_backend}, {lat.threads} thread{'s' if lat.threads > 1 else ''}, "
             f"{lat.repeats} runs)",
         )
-    out.print(summary)
+    summary.print(out)
     if report.modules:
         out.print()
         out.print(module_table(report))
     out.print(MACS_NOTE, style="dim")
 
 
-def _checkpoint_rows(summary: Table, info: Any) -> None:  # CheckpointInfo
+class _Rows:
+    """Label-value lines, aligned like a two-column table but printed as plain lines, so that a long
+    value (a path) is never wrapped (a table would break it to fit the width)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []
+
+    def add_row(self, label: str, value: str) -> None:
+        self.rows.append((label, value))
+
+    def print(self, out: Console) -> None:
+        width = max((len(label) for label, _ in self.rows), default=0)
+        for label, value in self.rows:
+            first, *rest = value.split("\n") or [""]
+            out.print(f"{label:<{width}}  {first}".rstrip(), highlight=False, markup=False)
+            for line in rest:  # a multi-line value (the history) continues under its first line
+                out.print(f"{'':<{width}}  {line}".rstrip(), highlight=False, markup=False)
+
+
+def _checkpoint_rows(summary: _Rows, info: Any) -> None:  # CheckpointInfo
     summary.add_row("Stage", info.stage + (" (gate decisions fixed)" if info.decided else ""))
     if info.decided_macs is not None:
         of = f" = {info.decided_macs / info.original_macs:.3f} of the original" if info.original_macs else ""
@@ -154,7 +171,7 @@ def _checkpoint_rows(summary: Table, info: Any) -> None:  # CheckpointInfo
         summary.add_row(label, f"{human(info.decided_macs)}  ({info.decided_macs:,}){of}; what slim gives")
         summary.add_row("Params at decisions", f"{human(info.decided_params)}  ({info.decided_params:,})")
     if info.target_macs is not None:
-        summary.add_row("Target", f"{info.target_macs:g} of the original's MACs")
+        summary.add_row("Target MACs", f"{info.target_macs:g} of the original's MACs")
     if info.baseline_val_acc is not None:
         summary.add_row("Baseline val acc", pct(info.baseline_val_acc))
     if info.history:
