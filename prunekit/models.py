@@ -123,6 +123,7 @@ def model_catalog(filter: str | None = None) -> list[ModelInfo]:
         enum = torchvision.models.get_model_weights(name)
         default = enum.DEFAULT
         ops = default.meta.get("_ops")
+        cache = cache_state(hub_cache_file(default))
         rows.append(
             ModelInfo(
                 model=name,
@@ -131,8 +132,8 @@ def model_catalog(filter: str | None = None) -> list[ModelInfo]:
                 params=default.meta.get("num_params"),
                 macs=round(ops * 1e9) if ops is not None else None,
                 input_shape=(3, default_input_size(name), default_input_size(name)),
-                cached=cache_state(hub_cache_file(default)) == "ok",
-                cache_damaged=cache_state(hub_cache_file(default)) == "damaged",
+                cached=cache == "ok",
+                cache_damaged=cache == "damaged",
             )
         )
     return rows

@@ -42,7 +42,7 @@ class OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         from prunekit.cli import render
 
-        render.EMITTED["document"] = False
+        render.EMITTED["document"] = False  # per invocation (tests run many in one process)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except SystemExit as exc:

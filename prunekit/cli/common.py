@@ -83,9 +83,6 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from prunekit.cli import render
-
-        render.EMITTED["document"] = False  # per command (tests run many in one process)
         try:
             with sigterm_as_interrupt():
                 try:

@@ -43,7 +43,6 @@ class Progress:
         self.epochs = 0
         self.start_epoch = 0
         self.heartbeat_s = heartbeat_seconds()
-        self._last_beat = time.monotonic()
         self._t0 = time.monotonic()
         self._done = 0  # steps since start
         self._images = 0
@@ -89,7 +88,7 @@ class Progress:
     def start(self, info: Any) -> None:  # FinetuneStart
         self.steps = int(info.steps_per_epoch)
         self.epochs, self.start_epoch = int(info.epochs), int(info.start_epoch)
-        self._t0 = self._last_beat = time.monotonic()
+        self._t0 = time.monotonic()
         self.phase = "training"
         self._start_watchdog()
         if self.json_lines:
@@ -127,8 +126,7 @@ class Progress:
             self.bar.update(self.task, completed=int(s["step"]), info=f"loss {s['loss']:.3f} {state}")
             return
         now = time.monotonic()
-        if now - self._last_beat >= self.heartbeat_s:
-            self._last_beat = now
+        if now - self._last_output >= self.heartbeat_s:  # any line printed resets the clock
             self._heartbeat(s, now - self._t0)
 
     def _heartbeat(self, s: dict[str, float], elapsed: float) -> None:

@@ -147,6 +147,11 @@ def run_pipeline(
         raise error from None
 
 
+def _existing(files: dict[str, Path]) -> dict[str, str]:
+    """The run's files that exist (all of this run: a previous run's were cleared), and report.json."""
+    return {k: str(v) for k, v in files.items() if v.exists() or k == "report"}
+
+
 def _failure_report(
     config: RunConfig, files: dict[str, Path], done: dict[str, Any], stage: str, error: PrunekitError
 ) -> None:
@@ -154,7 +159,7 @@ def _failure_report(
     stopped. The error carries the document (`error.report`) for `run --json` to print."""
     report = envelope("run") | {
         "config": config.to_dict(),
-        "files": {k: str(v) for k, v in files.items() if v.exists() or k == "report"},
+        "files": _existing(files),
         "gate": done.get("gate"),
         "finetune": done.get("finetune"),
         "slim": done.get("slim"),
@@ -186,7 +191,7 @@ def _report(
     allowed = config.max_accuracy_drop
     report = envelope("run") | {
         "config": config.to_dict(),
-        "files": {k: str(v) for k, v in files.items() if v.exists() or k == "report"},
+        "files": _existing(files),
         "gate": gate,
         "finetune": tuned,
         "slim": slim,
