@@ -66,6 +66,8 @@ def fixture(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, Any]:
         input_shape=spec.input_shape,
         mean=spec.mean,
         std=spec.std,
+        resize_size=spec.resize_size,
+        interpolation=spec.interpolation,
         batch_size=args.batch_size,
         workers=args.workers,
         seed=0,
@@ -180,7 +182,7 @@ def run_one(model, spec, loaders, method, target, epochs, seed, distill, args) -
     else:
         final = tp_prune(model, spec, loaders, method, target, args.granularity)
         plain_finetune(final, model, loaders, args, distill, epochs)
-    acc, _ = evaluate(final, loaders.val, torch.device("cpu"), max_batches=args.eval_batches)
+    acc = evaluate(final, loaders.val, torch.device("cpu"), max_batches=args.eval_batches).top1
     example = spec.example_input(1)
     return {
         "method": method,
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     model, spec, loaders = fixture(args)
     total_macs = count_macs(model, spec.example_input(1)).total_macs
-    baseline = evaluate(model, loaders.val, torch.device("cpu"), max_batches=args.eval_batches)[0]
+    baseline = evaluate(model, loaders.val, torch.device("cpu"), max_batches=args.eval_batches).top1
     command = "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runs: list[dict[str, Any]] = []
     grid = [

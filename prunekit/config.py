@@ -6,10 +6,12 @@ torch: `prunekit --help` stays fast.
 
 TOML sections of a `prunekit run` config (every key optional but the model's source, data and target):
 
-[model]      arch, weights, num_classes, input_shape, mean, std, args (a table of factory arguments)
+[model]      arch, weights, num_classes, input_shape, mean, std, args (a table of factory arguments),
+             resize_size, interpolation (evaluation preprocessing; torchvision weights set their own)
 [gates]      granularity, min_keep, init_on, init_off, init_spread    (GateConfig)
 [finetune]   data, target_macs, epochs, batch_size, lr, ...           (FinetuneConfig)
-[slim]       export ("onnx" | "none"), opset, latency, threads        (SlimConfig)
+[slim]       export ("onnx" | "pt2" | "onnx,pt2" | "none"), opset, latency, threads, quantize
+             ("int8" | "fp16" | "int8,fp16"), calibration_batches, max_quantization_drop (SlimConfig)
 [ci]         max_accuracy_drop (percentage points; the run fails with exit code 3 beyond it)
 """
 
@@ -27,7 +29,9 @@ if TYPE_CHECKING:
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
-EXPORTS = ("onnx", "none")
+EXPORT_FORMATS = ("onnx", "pt2")  # --export takes one, both (onnx,pt2) or none
+EXPORTS = (*EXPORT_FORMATS, "none")
+QUANTIZE_MODES = ("int8", "fp16")  # quantised copies of the ONNX file (prunekit.quantize)
 DEFAULT_OPSET = 18
 DEFAULT_THREADS = 2  # onnxruntime / torch threads for latency measurements
 
@@ -95,6 +99,21 @@ def _stats(value: Any, name: str, channels: int | None) -> tuple[float, ...] | N
 
 
 MAX_CLASSES = 10**6  # far above any classifier's; a typo beyond it would only fail later, in allocation
+# torchvision InterpolationMode values (`.value`) that resize tensors and PIL images alike
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
+
+
+def _resize_size(value: Any, input_shape: tuple[int, int, int] | None) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 16384:
+        raise ConfigError(f"resize_size must be an integer from 1 to 16384 pixels, got {value!r}")
+    if input_shape is not None and value < max(input_shape[1:]):
+        raise ConfigError(
+            f"resize_size {value} is smaller than the {input_shape[1]}x{input_shape[2]} crop "
+            "(the shorter side is resized to it, then centre-cropped)"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,12 @@ class ModelSpec:
     mean: tuple[float, ...] | None = None  # per-channel input normalisation the weights expect
     std: tuple[float, ...] | None = None
     model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the source's factory
+    # evaluation preprocessing of large inputs, as the weights' own preset (torchvision's
+    # `weights.transforms()`): resize the shorter side to `resize_size` with `interpolation` (an
+    # InterpolationMode value, e.g. "bilinear", "bicubic"), then centre-crop to input_shape. None: the
+    # default, 256/224 of the crop and bilinear (prunekit.data)
+    resize_size: int | None = None
+    interpolation: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
@@ -123,6 +148,11 @@ class ModelSpec:
         channels = self.input_shape[0] if self.input_shape else None
         object.__setattr__(self, "mean", _stats(self.mean, "mean", channels))
         object.__setattr__(self, "std", _stats(self.std, "std", channels))
+        object.__setattr__(self, "resize_size", _resize_size(self.resize_size, self.input_shape))
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
         if self.num_classes is not None and (
             not isinstance(self.num_classes, int)
             or isinstance(self.num_classes, bool)
@@ -153,6 +183,18 @@ class ModelSpec:
         """This spec with every field that is None taken from `defaults`."""
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
+    def with_input_shape(self, input_shape: Any) -> ModelSpec:
+        """This spec at another input shape. `resize_size` keeps its ratio to the crop (the crop fraction
+        of the weights' preset, rounded: 232 for 224 becomes 331 for 320); for a non-square shape it
+        goes back to None (the default rule, which handles any shape)."""
+        shape = parse_input_shape(input_shape)
+        resize = self.resize_size
+        if resize is not None and self.input_shape is not None and shape != self.input_shape:
+            _, h, w = self.input_shape
+            _, new_h, new_w = shape
+            resize = round(new_h * resize / h) if h == w and new_h == new_w else None
+        return replace(self, input_shape=shape, resize_size=resize)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -162,11 +204,14 @@ class ModelSpec:
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
             "model_args": dict(self.model_args),
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        """Also reads the checkpoint format 1 layout (`arch`, square `input_size`)."""
+        """Also reads the checkpoint format 1 layout (`arch`, square `input_size`), and specs written
+        before `resize_size` / `interpolation` existed (None: the default evaluation preprocessing)."""
         if "input_shape" not in d and "input_size" in d:
             d = {**d, "input_shape": [3, int(d["input_size"]), int(d["input_size"])]}
         return cls(
@@ -177,6 +222,8 @@ class ModelSpec:
             mean=d.get("mean"),
             std=d.get("std"),
             model_args=dict(d.get("model_args") or {}),
+            resize_size=d.get("resize_size"),
+            interpolation=d.get("interpolation"),
         )
 
 
@@ -244,7 +291,9 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    target_macs: float  # fraction of the whole model's MACs to keep (fvcore count)
+    target_macs: float | None = None  # fraction of the whole model's MACs to keep (fvcore count)
+    # or a latency budget: "0.5" (of the original's onnxruntime CPU latency at batch 1) or "12ms"
+    target_latency: str | None = None
     epochs: int = 3
     batch_size: int = 64
     lr: float = 0.01  # weights: SGD momentum 0.9, cosine decay per step
@@ -267,11 +316,17 @@ class FinetuneConfig:
     strict_data: bool = False  # image files that do not decode: an error (default: skipped, with a warning)
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_latency, int | float) and not isinstance(self.target_latency, bool):
+            object.__setattr__(self, "target_latency", str(self.target_latency))  # TOML: 0.5 or "12ms"
         _check_types(self)
+        if (self.target_macs is None) == (self.target_latency is None):
+            raise ConfigError("give one budget: target_macs (a fraction of the MACs) or target_latency")
+        if self.target_latency is not None:
+            parse_target_latency(self.target_latency)  # validates
         _check(
             [
                 (
-                    0.0 < self.target_macs < 1.0,
+                    self.target_macs is None or 0.0 < self.target_macs < 1.0,
                     f"target_macs must be between 0 and 1, got {self.target_macs}",
                 ),
                 (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -300,6 +355,29 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def parse_target_latency(value: str | float | None) -> tuple[str, float] | None:
+    """ "0.5" -> ("fraction", 0.5) of the original's latency; "12ms" / "12.5 ms" -> ("ms", 12.5)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    unit = "fraction"
+    if text.endswith("ms"):
+        unit, text = "ms", text[:-2].strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise ConfigError(
+            f"target_latency must be a fraction of the original's latency (0.5) or milliseconds (12ms), "
+            f"got {value!r}"
+        ) from None
+    if not math.isfinite(number) or number <= 0 or (unit == "fraction" and number >= 1):
+        raise ConfigError(
+            f"target_latency must be a fraction between 0 and 1 (exclusive) or a positive time in ms, "
+            f"got {value!r}"
+        )
+    return unit, number
+
+
 # What `--resume` may change about a saved run: these alter how it runs, not what it computes up to now.
 # `epochs` may only grow (a longer run continues the same schedule with a longer horizon).
 RESUME_MUTABLE = ("epochs", "workers", "device", "amp")
@@ -307,21 +385,69 @@ RESUME_MUTABLE = ("epochs", "workers", "device", "amp")
 
 @dataclass(frozen=True)
 class SlimConfig:
-    export: str = "onnx"  # onnx | none
+    export: str = "onnx"  # onnx | pt2 | onnx,pt2 | none: the first format is written at -o
     opset: int = DEFAULT_OPSET
-    latency: bool = False  # time original vs slim in onnxruntime (batch 1)
+    latency: bool = False  # time original vs slim (vs quantised) in onnxruntime (batch 1, interleaved)
     threads: int = DEFAULT_THREADS
     rtol: float = 1e-4  # slim vs gated and ONNX vs PyTorch: max |diff| <= rtol * max |reference|
+    quantize: str | None = None  # int8 | fp16 | int8,fp16: quantised copies of the ONNX file (need data)
+    calibration_batches: int = 8  # INT8: batches of 32 images of the data's training split
+    max_quantization_drop: float | None = None  # percentage points of top-1 vs FP32; beyond: exit 3
 
     def __post_init__(self) -> None:
+        for name in ("export", "quantize"):  # TOML may give a list: ["onnx", "pt2"]
+            value = getattr(self, name)
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                object.__setattr__(self, name, ",".join(value))
         _check_types(self)
+        formats = self.formats  # validates
+        modes = self.quantize_modes
+        drop = self.max_quantization_drop
         _check(
             [
-                (self.export in EXPORTS, f"export must be one of {', '.join(EXPORTS)}, got {self.export}"),
                 (self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
                 (self.rtol > 0, f"rtol must be positive, got {self.rtol}"),
+                (
+                    self.calibration_batches >= 1,
+                    f"calibration_batches must be >= 1, got {self.calibration_batches}",
+                ),
+                (not modes or "onnx" in formats, "quantize makes copies of the ONNX file: export onnx too"),
+                (drop is None or drop >= 0, f"max_quantization_drop must be >= 0, got {drop}"),
+                (drop is None or bool(modes), "max_quantization_drop needs quantize (int8 or fp16)"),
             ]
         )
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The export formats in the given order; () for "none"."""
+        names = _listed(self.export)
+        if names == ("none",):
+            return ()
+        unknown = [n for n in names if n not in EXPORT_FORMATS]
+        if unknown or not names:
+            raise ConfigError(f"export must be onnx, pt2, onnx,pt2 or none, got {self.export!r}")
+        return names
+
+    @property
+    def quantize_modes(self) -> tuple[str, ...]:
+        if self.quantize is None:
+            return ()
+        names = _listed(self.quantize)
+        unknown = [n for n in names if n not in QUANTIZE_MODES]
+        if unknown or not names:
+            bad = unknown[0] if unknown else self.quantize
+            raise ConfigError(f"unknown quantisation mode {bad!r}: use int8, fp16 or int8,fp16")
+        return names
+
+
+def _listed(value: str) -> tuple[str, ...]:
+    """ "a,b" -> ("a", "b"): lower-case, stripped, each once."""
+    names: list[str] = []
+    for part in value.split(","):
+        part = part.strip().lower()
+        if part and part not in names:
+            names.append(part)
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -353,7 +479,17 @@ def defaults(cls: type) -> dict[str, Any]:
 # TOML
 # --------------------------------------------------------------------------------------------------
 
-_MODEL_KEYS = {"arch", "weights", "num_classes", "input_shape", "mean", "std", "args"}
+_MODEL_KEYS = {
+    "arch",
+    "weights",
+    "num_classes",
+    "input_shape",
+    "mean",
+    "std",
+    "args",
+    "resize_size",
+    "interpolation",
+}
 
 
 def _section(data: dict[str, Any], name: str, known: set[str], renames: dict[str, str] | None = None) -> dict:
@@ -446,6 +582,9 @@ __all__ = [
     "DEFAULT_OPSET",
     "DEVICES",
     "EXPORTS",
+    "EXPORT_FORMATS",
+    "QUANTIZE_MODES",
+    "parse_target_latency",
     "FinetuneConfig",
     "GateConfig",
     "ModelSpec",

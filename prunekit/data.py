@@ -47,6 +47,8 @@ def resolve_data(
     input_shape: Shape,
     mean: Stats | None = None,
     std: Stats | None = None,
+    resize_size: int | None = None,
+    interpolation: str | None = None,
     batch_size: int = 64,
     workers: int = 0,
     val_fraction: float = 0.1,
@@ -60,8 +62,10 @@ def resolve_data(
     """`--data builtin` is the built-in example data; anything else is an ImageFolder root.
 
     For a folder, `mean`/`std` default to ImageNet's; for the built-in data, to its own statistics.
-    Image files that do not decode are skipped with a warning, or are an error with `strict` (see
-    `screen_images`).
+    `resize_size` and `interpolation` (a ModelSpec's) set how a folder's large images are resized for
+    evaluation, and the interpolation of its training crops (see `eval_transform`); the built-in data
+    ignores them. Image files that do not decode are skipped with a warning, or are an error with
+    `strict` (see `screen_images`).
     """
     if spec == BUILTIN:
         return builtin_loaders(
@@ -83,6 +87,8 @@ def resolve_data(
         input_shape=input_shape,
         mean=mean or IMAGENET_MEAN,
         std=std or IMAGENET_STD,
+        resize_size=resize_size,
+        interpolation=interpolation,
         batch_size=batch_size,
         workers=workers,
         val_fraction=val_fraction,
@@ -103,6 +109,8 @@ def image_folder_loaders(
     std: Stats,
     batch_size: int,
     workers: int,
+    resize_size: int | None = None,
+    interpolation: str | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
     train_augment: bool = True,
@@ -113,17 +121,20 @@ def image_folder_loaders(
 ) -> DataLoaders:
     """Loaders for `root/train` + `root/val` (or `root/test`), or for one ImageFolder `root` split per
     class into train/val by `val_fraction` (seeded). Images are read as RGB (grayscale for 1 channel).
-    Files that do not decode are skipped with a warning (an error with `strict`): `screen_images`."""
+    `resize_size`/`interpolation`: see `eval_transform` and `train_transform`. Files that do not decode
+    are skipped with a warning (an error with `strict`): `screen_images`."""
     _check_loader_args(input_shape, batch_size, workers)
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"data path is not a folder: {root}")
-    val_tf = eval_transform(input_shape, mean, std)
-    train_tf = train_transform(input_shape, mean, std) if train_augment else val_tf
-    val_parts = _eval_parts(input_shape, mean, std)
-    train_parts = _train_parts(input_shape, mean, std) if train_augment else val_parts
+    val_parts = _eval_parts(input_shape, mean, std, resize_size=resize_size, interpolation=interpolation)
+    train_parts = (
+        _train_parts(input_shape, mean, std, interpolation=interpolation) if train_augment else val_parts
+    )
+    val_tf = v2.Compose([*val_parts[0], *val_parts[1]])  # as eval_transform / train_transform compose
+    train_tf = v2.Compose([*train_parts[0], *train_parts[1]]) if train_augment else val_tf
 
     val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
@@ -208,36 +219,77 @@ def _size(input_shape: Shape) -> int | tuple[int, int]:
     return h if h == w else (h, w)
 
 
-def train_transform(input_shape: Shape, mean: Stats, std: Stats) -> v2.Compose:
-    """Random resized crops for large inputs; pad-and-crop for small (CIFAR-sized) ones; both flip."""
-    decode, random = _train_parts(input_shape, mean, std)
+def train_transform(
+    input_shape: Shape, mean: Stats, std: Stats, *, interpolation: str | None = None
+) -> v2.Compose:
+    """Random resized crops for large inputs (resized with `interpolation`, default bilinear);
+    pad-and-crop for small (CIFAR-sized) ones; both flip."""
+    decode, random = _train_parts(input_shape, mean, std, interpolation=interpolation)
     return v2.Compose([*decode, *random])
 
 
-def eval_transform(input_shape: Shape, mean: Stats, std: Stats) -> v2.Compose:
-    """Resize to 256/224 of the crop and centre-crop (ImageNet practice); small inputs: resize only."""
-    decode, rest = _eval_parts(input_shape, mean, std)
+def eval_transform(
+    input_shape: Shape,
+    mean: Stats,
+    std: Stats,
+    *,
+    resize_size: int | None = None,
+    interpolation: str | None = None,
+) -> v2.Compose:
+    """Large inputs: the shorter side resized to `resize_size` with `interpolation`, then a centre crop,
+    in that order on the decoded image: exactly what torchvision's preset (`weights.transforms()`) does.
+    Without `resize_size`: resized to 256/224 of the crop (ImageNet practice; with `interpolation`,
+    default bilinear) and centre-cropped. Small inputs (at most SMALL_INPUT pixels): resized only."""
+    decode, rest = _eval_parts(input_shape, mean, std, resize_size=resize_size, interpolation=interpolation)
     return v2.Compose([*decode, *rest])
 
 
-def _train_parts(input_shape: Shape, mean: Stats, std: Stats) -> tuple[list[Any], list[Any]]:
+def _mode(interpolation: str | None) -> v2.InterpolationMode:
+    """The InterpolationMode of a ModelSpec's `interpolation` name (None: bilinear, torchvision's default)."""
+    if interpolation is None:
+        return v2.InterpolationMode.BILINEAR
+    try:
+        return v2.InterpolationMode(interpolation)
+    except ValueError:
+        names = ", ".join(m.value for m in v2.InterpolationMode)
+        raise ConfigError(f"interpolation must be one of {names}, got {interpolation!r}") from None
+
+
+def _train_parts(
+    input_shape: Shape, mean: Stats, std: Stats, *, interpolation: str | None = None
+) -> tuple[list[Any], list[Any]]:
     """(the deterministic steps a decoded image goes through first, the random rest)."""
     _, h, w = input_shape
     if max(h, w) <= SMALL_INPUT:
         decode = [v2.ToImage(), v2.Resize(_size(input_shape), antialias=True)]
         random = [v2.RandomCrop((h, w), padding=h // 8)]
     else:
-        decode, random = [v2.ToImage()], [v2.RandomResizedCrop((h, w), antialias=True)]
+        crop = v2.RandomResizedCrop((h, w), interpolation=_mode(interpolation), antialias=True)
+        decode, random = [v2.ToImage()], [crop]
     return decode, [*random, v2.RandomHorizontalFlip(), *_to_normalised(input_shape, mean, std)]
 
 
-def _eval_parts(input_shape: Shape, mean: Stats, std: Stats) -> tuple[list[Any], list[Any]]:
+def _eval_parts(
+    input_shape: Shape,
+    mean: Stats,
+    std: Stats,
+    *,
+    resize_size: int | None = None,
+    interpolation: str | None = None,
+) -> tuple[list[Any], list[Any]]:
     _, h, w = input_shape
+    mode = _mode(interpolation)
     if max(h, w) <= SMALL_INPUT:
-        resize = _size(input_shape)
+        decode = [v2.ToImage(), v2.Resize(_size(input_shape), antialias=True), v2.CenterCrop((h, w))]
+    elif resize_size is not None:
+        if resize_size < max(h, w):
+            raise ConfigError(f"resize_size {resize_size} is smaller than the {h}x{w} crop")
+        # torchvision's preset: resized and cropped as decoded (a PIL image, resized by PIL), then a tensor
+        resize = v2.Resize(resize_size, interpolation=mode, antialias=True)
+        decode = [resize, v2.CenterCrop((h, w)), v2.ToImage()]
     else:
-        resize = int(h * 256 / 224) if h == w else (int(h * 256 / 224), int(w * 256 / 224))
-    decode = [v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop((h, w))]
+        size = int(h * 256 / 224) if h == w else (int(h * 256 / 224), int(w * 256 / 224))
+        decode = [v2.ToImage(), v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop((h, w))]
     return decode, _to_normalised(input_shape, mean, std)
 
 

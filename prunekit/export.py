@@ -420,6 +420,9 @@ def _quiet() -> Iterator[_Captured]:
             cap.text = buf.getvalue() + sink.read().decode("utf-8", errors="replace")
 
 
+quiet_output = _quiet  # for other onnx tools (the quantisers) that print and warn
+
+
 def _one_line(text: str, limit: int = _MESSAGE_CHARS) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

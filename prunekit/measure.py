@@ -189,6 +189,30 @@ def onnx_latency_ms(
     return _latency(times, threads)
 
 
+def onnx_latency_interleaved(
+    paths: dict[str, str | Path], input_shape: Sequence[int], threads: int, warmup: int = 5, repeats: int = 30
+) -> dict[str, LatencyResult]:
+    """onnxruntime CPU latency of several files measured side by side: each round times one call of
+    every session, in an order rotated per round, so drift in machine load reaches all of them alike."""
+    import numpy as np
+
+    _check_timing_args(threads, repeats)
+    names = list(paths)
+    sessions = {name: cpu_session(paths[name], threads, spinning=False) for name in names}
+    feed = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
+    feeds = {name: {s.get_inputs()[0].name: feed} for name, s in sessions.items()}
+    for name in names:
+        for _ in range(warmup):
+            sessions[name].run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _latency(times[name], threads) for name in names}
+
+
 # -- internals ---------------------------------------------------------------------------------------------
 
 

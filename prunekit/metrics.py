@@ -24,7 +24,8 @@ FIELDS = (
     "activation_b",  # the batch's gateable MAC fraction B (steps rows)
     "images_per_s",
     "train_acc",  # epoch rows from here on
-    "val_acc",
+    "val_acc",  # top-1
+    "val_top5",
     "val_loss",
     "macs_fraction",
     "decided",
@@ -101,6 +102,7 @@ class MetricsLog:
                 "images_per_s": m.images_per_s,
                 "train_acc": m.train_acc,
                 "val_acc": m.val_acc,
+                "val_top5": m.val_top5,
                 "val_loss": m.val_loss,
                 "macs_fraction": m.macs_fraction,
                 "decided": m.decided,

@@ -14,7 +14,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -89,6 +89,29 @@ def default_input_size(arch: str, weights: WeightsEnum | None = None) -> int:
         weights = default_weights(arch)
     crop = getattr(weights.transforms(), "crop_size", None) if weights is not None else None
     return int(crop[0]) if crop else DEFAULT_INPUT_SIZE
+
+
+def weights_preprocessing(weights: WeightsEnum) -> dict[str, Any]:
+    """The ModelSpec fields of torchvision's evaluation preset for `weights` (`weights.transforms()`,
+    an ImageClassification): input_shape (its crop), resize_size, interpolation, mean, std. Metadata
+    only: nothing is loaded. A preset without a field leaves it out (the default applies)."""
+    preset = weights.transforms()
+
+    def single(value: Any) -> int | None:  # torchvision keeps sizes as one-element lists
+        if value is None:
+            return None
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    crop, resize = single(getattr(preset, "crop_size", None)), single(getattr(preset, "resize_size", None))
+    interpolation = getattr(preset, "interpolation", None)
+    fields = {
+        "input_shape": None if crop is None else (3, crop, crop),
+        "resize_size": resize,
+        "interpolation": None if interpolation is None else interpolation.value,
+        "mean": tuple(preset.mean) if getattr(preset, "mean", None) is not None else None,
+        "std": tuple(preset.std) if getattr(preset, "std", None) is not None else None,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def hub_cache_file(weights: WeightsEnum) -> Path:
@@ -167,8 +190,8 @@ class TorchvisionSource:
 
     def load(self, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         """Build and load `spec.weights`; return the model (eval mode) and the spec with every default
-        filled in: classes from the weights, input shape from their evaluation crop, normalisation from
-        their transforms (else ImageNet's)."""
+        filled in: classes from the weights, input shape from their evaluation crop, normalisation and
+        evaluation resize from their transforms (else ImageNet's normalisation; see `complete`)."""
         arch, weights, num_classes = self.arch, spec.weights, spec.num_classes
         tv_weights: WeightsEnum | None = None
         if weights is None:
@@ -185,16 +208,25 @@ class TorchvisionSource:
                 if num_classes is not None and num_classes != categories:
                     replace_head_(model, num_classes)
                 num_classes = num_classes or categories
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        if tv_weights is not None:
-            transforms = tv_weights.transforms()
-            mean, std = tuple(transforms.mean), tuple(transforms.std)
-        size = default_input_size(arch, tv_weights)
+        return model.eval(), self.complete(spec, tv_weights, num_classes)
+
+    def complete(self, spec: ModelSpec, weights: WeightsEnum | None, num_classes: int) -> ModelSpec:
+        """`spec` with every field that is None filled in: from torchvision `weights`, their evaluation
+        preset (`weights_preprocessing`: crop, resize, interpolation, normalisation); without them,
+        the DEFAULT weights' crop and ImageNet's normalisation (resize and interpolation stay None).
+        An input shape of the user's own keeps the preset's ratio of resize to crop
+        (`ModelSpec.with_input_shape`). Reads no file."""
         channels = spec.input_shape[0] if spec.input_shape else 3
         if channels != 3:
-            raise ConfigError(f"{arch} takes 3-channel (RGB) inputs, not {channels}")
-        full = spec.with_defaults(num_classes=num_classes, input_shape=(3, size, size), mean=mean, std=std)
-        return model.eval(), full
+            raise ConfigError(f"{self.arch} takes 3-channel (RGB) inputs, not {channels}")
+        size = default_input_size(self.arch, weights)
+        preset = ModelSpec(spec.source, input_shape=(3, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        if weights is not None:
+            preset = replace(preset, **weights_preprocessing(weights))
+            if spec.input_shape is not None:
+                preset = preset.with_input_shape(spec.input_shape)
+        names = ("input_shape", "mean", "std", "resize_size", "interpolation")
+        return spec.with_defaults(num_classes=num_classes, **{name: getattr(preset, name) for name in names})
 
 
 def resolve_source(source: str | None) -> Any:

@@ -82,6 +82,26 @@ class MacModel(nn.Module):
         return macs
 
 
+class LatencyModel(MacModel):
+    """Predicted milliseconds of the gateable layers given unit activity: a MacModel whose factor per
+    term is the layer's measured latency slope (prunekit.latency_table) instead of its MACs per channel
+    pair, so the activation loss and the budget rule work on latency unchanged. `gateable_macs` is then
+    the gateable milliseconds at full width."""
+
+    def __init__(self, graph: ChannelGraph, beta: dict[str, float]) -> None:
+        super().__init__(graph)
+        gateable = [t for t in graph.mac_terms if t.prunable]
+        missing = [t.name for t in gateable if t.name not in beta]
+        if missing:
+            raise ConfigError(f"the latency table has no entry for layer(s) {missing[:3]}: measure it again")
+        dense = [t for t in gateable if t.kind == "bilinear"]
+        linear = [t for t in gateable if t.kind != "bilinear"]
+        self.dense_factor = torch.tensor([beta[t.name] for t in dense], dtype=torch.float32)
+        self.lin_factor = torch.tensor([beta[t.name] for t in linear], dtype=torch.float32)
+        full = torch.ones(1, graph.num_units)
+        self.gateable_macs = float(self(full)[0])
+
+
 BUDGET_EPS = 1e-9
 
 
@@ -143,4 +163,4 @@ def activation_loss(b: torch.Tensor, t: float, one_sided: bool = False) -> torch
     return gap * gap
 
 
-__all__ = ["MacBudget", "MacModel", "activation_loss", "target_to_budget"]
+__all__ = ["LatencyModel", "MacBudget", "MacModel", "activation_loss", "target_to_budget"]

@@ -80,6 +80,7 @@ class CheckpointInfoDoc(BaseModel):
     history: list[Row]
     recipe: Row | None
     baseline_val_acc: float | None
+    baseline_val_top5: float | None = None
 
 
 class ReportDoc(_Doc):
@@ -130,10 +131,12 @@ class FinetuneDoc(_Doc):
     output: str | None
     best: str | None
     metrics: str | None
-    baseline_val_acc: float
-    history: list[Row]  # epoch, loss, ce, act_loss, train_acc, val_acc, val_loss, macs_fraction, ...
+    baseline_val_acc: float  # top-1
+    baseline_val_top5: float | None = None
+    history: list[Row]  # epoch, loss, ce, act_loss, train_acc, val_acc, val_top5, val_loss, ...
     final: Row
-    target_macs: float
+    target_macs: float | None  # None with a latency budget
+    target_latency: Row | None = None  # target, target_ms, original_ms, fixed_ms, threads, table, ...
     macs_before: int
     expected_macs: int
 
@@ -151,7 +154,10 @@ class SlimDoc(_Doc):
     widths: list[Row]  # group, before, after, units
     accuracy: Row | None = None  # with --data: original, slim (top-1, 0..1)
     onnx: Row | None = None  # path, opset, exporter, max_abs_diff, size_bytes, ...: ONNX vs PyTorch
-    latency: Row | None = None  # with --latency: original_ms, slim_ms, ratio (slim / original), ...
+    pt2: Row | None = None  # --export pt2: path, size_bytes, max_abs_diff, ...: torch.export vs PyTorch
+    quantized: dict[str, Row] | None = None  # --quantize: mode -> path, size_bytes, method, accuracy
+    latency_budget: Row | None = None  # fine-tuned with --target-latency: target_ms, original_ms, ...
+    latency: Row | None = None  # with --latency: original_ms, slim_ms, ratio (slim / original), models
     checkpoint: str | None = None  # the slim checkpoint written
     plan: str | None = None  # the plan written (--save-plan)
     checkpoint_bytes: int | None = None

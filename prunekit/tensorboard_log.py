@@ -17,8 +17,8 @@ def check_available() -> None:
 
 
 class TensorboardLog:
-    """Scalars per step (train/loss, train/activation_b) and per epoch (val/accuracy, val/loss,
-    macs/fraction_kept, train/accuracy, train/images_per_s), by global step."""
+    """Scalars per step (train/loss, train/activation_b) and per epoch (val/accuracy (top-1),
+    val/accuracy_top5, val/loss, macs/fraction_kept, train/accuracy, train/images_per_s), by global step."""
 
     def __init__(self, logdir: Path) -> None:
         check_available()
@@ -38,6 +38,7 @@ class TensorboardLog:
     def on_epoch(self, m: Any) -> None:  # EpochMetrics
         for tag, value in (
             ("val/accuracy", m.val_acc),
+            ("val/accuracy_top5", m.val_top5),
             ("val/loss", m.val_loss),
             ("macs/fraction_kept", m.macs_fraction),
             ("train/accuracy", m.train_acc),

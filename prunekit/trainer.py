@@ -30,6 +30,17 @@ from prunekit.objective import MacBudget, MacModel, activation_loss, target_to_b
 from prunekit.runtime import Runtime, decisions_hash
 
 KD_TEMPERATURE = 2.0
+TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` measures: top-1 and top-5 accuracy (fractions from 0 to 1) and the mean
+    cross-entropy. With fewer than 5 classes, top-5 counts the top num_classes, so it is 1.0."""
+
+    top1: float
+    top5: float
+    loss: float
 
 
 @dataclass
@@ -39,13 +50,15 @@ class EpochMetrics:
     ce: float
     act_loss: float
     train_acc: float
-    val_acc: float
+    val_acc: float  # top-1
+    val_top5: float  # top-5 (top-k, k = min(5, classes))
     val_loss: float
     macs_fraction: float  # of the whole model, under the deterministic decisions
     gateable_kept: float  # B: the fraction of the gateable MACs the deterministic decisions keep
     decided: bool
     seconds: float
     images_per_s: float
+    latency_fraction: float | None = None  # a latency budget: the predicted fraction of the original's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +80,13 @@ class Trainer:
         steps_per_epoch: int,
         runtime: Runtime,
         teacher: nn.Module | None = None,
+        mac_counter: MacModel | None = None,
+        total_macs: float | None = None,
     ) -> None:
+        """`mac_model` is the cost the objective and the budget use: MACs, or predicted latency (a
+        LatencyModel). With a latency budget, `mac_counter` and `total_macs` still count MACs for the
+        reports."""
+        self.mac_counter, self.total_macs = mac_counter, total_macs
         self.model, self.bank, self.mac_model, self.budget, self.config = (
             model,
             bank,
@@ -80,6 +99,8 @@ class Trainer:
         self.teacher = teacher
         self.model.to(self.device)
         self.mac_model.to(self.device)
+        if mac_counter is not None:
+            mac_counter.to(self.device)
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
         # gate parameters by identity, not by name: a wrapper (DDP's "module.") cannot make them match both
@@ -151,6 +172,16 @@ class Trainer:
     def decision_fraction(self, decisions: torch.Tensor | None = None) -> float:
         a = self.bank.unit_activity(decisions).to(self.device)
         return float(self.mac_model(a)[0]) / self.mac_model.gateable_macs
+
+    @torch.no_grad()
+    def macs_fraction(self) -> float:
+        """The whole model's MACs under the deterministic decisions, as a fraction of the original's."""
+        if self.mac_counter is None:  # the budget counts MACs itself
+            return self.budget.total_fraction(self.decision_fraction())
+        a = self.bank.unit_activity(None).to(self.device)
+        kept = float(self.mac_counter(a)[0])
+        total = float(self.total_macs or 0.0)
+        return (total - self.mac_counter.gateable_macs + kept) / max(total, 1e-9)
 
     @torch.no_grad()
     def decide(self) -> None:
@@ -266,11 +297,12 @@ def evaluate(
     device: torch.device,
     max_batches: int | None = None,
     runtime: Runtime | None = None,
-) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) in eval mode (deterministic gates). Under torchrun each
-    process evaluates its shard (a ShardSampler) and the counts are summed, so every example counts
-    exactly once."""
-    correct = total = 0
+) -> Evaluation:
+    """Top-1 and top-5 accuracy and the mean cross-entropy, in eval mode (deterministic gates). Top-5
+    is top-k with k = min(5, classes): with fewer than 5 classes every label is among them (1.0).
+    Under torchrun each process evaluates its shard (a ShardSampler) and the counts are summed, so
+    every example counts exactly once."""
+    correct = correct5 = total = 0
     loss = 0.0
     with training_flags(model):
         model.eval()
@@ -281,10 +313,13 @@ def evaluate(
             out = model(x).float()
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
+            top = out.topk(min(TOP_K, out.shape[1]), dim=1).indices
+            correct5 += int((top == y[:, None]).any(1).sum())
             total += y.shape[0]
     if runtime is not None:
-        correct, total, loss = runtime.sum([correct, total, loss])
-    return correct / max(1, total), loss / max(1, total)
+        correct, correct5, total, loss = runtime.sum([correct, correct5, total, loss])
+    n = max(1, total)
+    return Evaluation(top1=correct / n, top5=correct5 / n, loss=loss / n)
 
 
 def distillation_loss(
@@ -358,7 +393,7 @@ def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: An
     if cfg.bn_recalibrate:
         recalibrate_batchnorm(trainer.model, train_loader, trainer.device, cfg.bn_recalibrate)
     trainer.runtime.broadcast_buffers(trainer.model)  # every process evaluates the model rank 0 saves
-    val_acc, val_loss = evaluate(trainer.model, val_loader, trainer.device, runtime=trainer.runtime)
+    val = evaluate(trainer.model, val_loader, trainer.device, runtime=trainer.runtime)
     b = trainer.decision_fraction()
     trainer.epoch += 1  # only once the epoch is evaluated: an interrupted one is redone on --resume
     return EpochMetrics(
@@ -367,18 +402,21 @@ def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: An
         ce=stats["ce"],
         act_loss=stats["act"],
         train_acc=stats["acc"],
-        val_acc=val_acc,
-        val_loss=val_loss,
-        macs_fraction=trainer.budget.total_fraction(b),
+        val_acc=val.top1,
+        val_top5=val.top5,
+        val_loss=val.loss,
+        macs_fraction=trainer.macs_fraction(),
         gateable_kept=b,
         decided=trainer.decided,
         seconds=stats["seconds"],
         images_per_s=stats["images_per_s"],
+        latency_fraction=None if trainer.mac_counter is None else trainer.budget.total_fraction(b),
     )
 
 
 __all__ = [
     "EpochMetrics",
+    "Evaluation",
     "Trainer",
     "distillation_loss",
     "evaluate",

@@ -133,6 +133,35 @@ def test_checkpoint_is_plain_data(gated_file: Path) -> None:
     assert read_checkpoint_data(gated_file)["stage"] == "gated"
 
 
+def test_evaluation_preprocessing_round_trips_and_old_checkpoints_load(
+    gated_file: Path, tmp_path: Path
+) -> None:
+    """The spec's resize_size / interpolation are saved and read back; a checkpoint written before they
+    existed (no such keys) loads with None for both (the default evaluation preprocessing)."""
+    import dataclasses
+
+    ckpt = load_checkpoint(gated_file)
+    ckpt.spec = dataclasses.replace(ckpt.spec, resize_size=36, interpolation="bicubic")
+    path = tmp_path / "preset.pt"
+    save_checkpoint(ckpt, path)
+    stored = read_checkpoint_data(path)["model"]
+    assert (stored["resize_size"], stored["interpolation"]) == (36, "bicubic")
+    loaded = load_checkpoint(path)
+    assert (loaded.spec.resize_size, loaded.spec.interpolation) == (36, "bicubic")
+    assert loaded.spec == ckpt.spec
+
+    def drop(d: dict) -> None:
+        del d["model"]["resize_size"], d["model"]["interpolation"]
+
+    old = load_checkpoint(_edited(path, tmp_path, drop))
+    assert (old.spec.resize_size, old.spec.interpolation) == (None, None)
+    assert dataclasses.replace(old.spec, resize_size=36, interpolation="bicubic") == ckpt.spec
+    bad = _edited(path, tmp_path, lambda d: d["model"].__setitem__("interpolation", "cubic"))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    _one_line(err, "edited.pt", "interpolation", "'cubic'")
+
+
 # -- formats: the gate-bank kind, format 1 ------------------------------------------------------------
 
 

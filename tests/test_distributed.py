@@ -118,9 +118,10 @@ def test_two_processes_write_once_decide_alike_and_evaluate_exactly(gated: Path,
     val = resolve_data(
         "builtin", input_shape=spec.input_shape, mean=spec.mean, std=spec.std, batch_size=64
     ).val
-    acc, loss = evaluate(ckpt.model, val, torch.device("cpu"))
-    assert ckpt.history[-1]["val_acc"] == acc
-    assert ckpt.history[-1]["val_loss"] == pytest.approx(loss, rel=1e-6)
+    val_eval = evaluate(ckpt.model, val, torch.device("cpu"))
+    assert ckpt.history[-1]["val_acc"] == val_eval.top1
+    assert ckpt.history[-1]["val_top5"] == val_eval.top5
+    assert ckpt.history[-1]["val_loss"] == pytest.approx(val_eval.loss, rel=1e-6)
 
 
 def test_torchrun_cli_prints_once(gated: Path, tmp_path: Path) -> None:

@@ -59,11 +59,6 @@ def model_args(values: list[str] | None) -> dict:
     return dict(parse_model_arg(v) for v in values or [])
 
 
-class Export(StrEnum):
-    onnx = "onnx"
-    none = "none"
-
-
 class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"

@@ -14,7 +14,6 @@ from prunekit.cli import render
 from prunekit.cli.common import (
     PIPELINE,
     Device,
-    Export,
     InputShapeOption,
     JsonOption,
     ModelArgOption,
@@ -36,7 +35,6 @@ G = defaults(GateConfig)
 FT = defaults(FinetuneConfig)
 SL = defaults(SlimConfig)
 DEFAULT_DEVICE = Device(FT["device"])
-DEFAULT_EXPORT = Export(SL["export"])
 
 
 @app.command("gate", rich_help_panel=PIPELINE)
@@ -124,6 +122,15 @@ def finetune_command(
     target_macs: Annotated[
         float | None,
         typer.Option(help="Fraction of the model's MACs to keep, e.g. 0.5.", rich_help_panel="Objective"),
+    ] = None,
+    target_latency: Annotated[
+        str | None,
+        typer.Option(
+            help="A latency budget instead: a fraction of the original's onnxruntime CPU latency at "
+            "batch 1 (0.5) or milliseconds (12ms). Per-layer latencies are measured on this machine once "
+            "and saved beside -o (.latency.json).",
+            rich_help_panel="Objective",
+        ),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, rich_help_panel="Optimisation")] = FT["epochs"],
     batch_size: Annotated[
@@ -225,15 +232,22 @@ def finetune_command(
 
     if not data:
         raise ConfigError("--data is required (an ImageFolder root, or `builtin`)")
-    values = {k: v for k, v in ctx.params.items() if k in {"target_macs", *FT, *_FINETUNE_FIELDS}}
+    values = {
+        k: v for k, v in ctx.params.items() if k in {"target_macs", "target_latency", *FT, *_FINETUNE_FIELDS}
+    }
     values["device"] = device.value
     fields = {_FINETUNE_FIELDS.get(k, k): v for k, v in values.items()}
     if resume:
         given = {_FINETUNE_FIELDS.get(k, k): v for k, v in values.items() if _given(ctx, k)}
         config, overrides = None, given
     else:
-        if target_macs is None:
-            raise ConfigError("--target-macs is required, e.g. --target-macs 0.5 to keep half the MACs")
+        if target_macs is None and target_latency is None:
+            raise ConfigError(
+                "--target-macs is required, e.g. --target-macs 0.5 to keep half the MACs "
+                "(or --target-latency 0.5 for half the latency)"
+            )
+        if target_macs is not None and target_latency is not None:
+            raise ConfigError("give --target-macs or --target-latency, not both")
         config, overrides = FinetuneConfig(**fields), None
     # the first line, before importing torch and loading anything (a CI log shows life within a second)
     progress = Progress(json_output, quiet=not is_primary_process())
@@ -299,12 +313,36 @@ def slim_command(
     ],
     output: OutOption,
     export: Annotated[
-        Export,
+        str,
         typer.Option(
-            help="onnx: write ONNX at -o and the slim checkpoint beside it; none: only the checkpoint.",
+            help="onnx, pt2 (a torch.export program), onnx,pt2 or none. The first is written at -o, "
+            "a second beside it (model.onnx + model.pt2); the slim checkpoint goes beside them (.pt).",
             rich_help_panel="Export",
         ),
-    ] = DEFAULT_EXPORT,
+    ] = SL["export"],
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Also write quantised ONNX copies: int8 (static, QDQ, calibrated on --data), fp16, or "
+            "int8,fp16. Each is checked by top-1 accuracy against FP32 on --data. Needs --data.",
+            rich_help_panel="Quantisation",
+        ),
+    ] = SL["quantize"],
+    calibration_batches: Annotated[
+        int,
+        typer.Option(
+            help="INT8: calibrate on this many batches of 32 images of the data's training split.",
+            rich_help_panel="Quantisation",
+        ),
+    ] = SL["calibration_batches"],
+    max_quantization_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Fail with exit code 3 when a quantised copy loses more top-1 points than this "
+            "against FP32 (the files are still written).",
+            rich_help_panel="Quantisation",
+        ),
+    ] = SL["max_quantization_drop"],
     plan: Annotated[
         Path | None,
         typer.Option(help="Slim by this plan JSON instead of the gates.", rich_help_panel="Plan and checks"),
@@ -319,7 +357,11 @@ def slim_command(
     opset: Annotated[int, typer.Option(help="ONNX opset.", rich_help_panel="Export")] = SL["opset"],
     latency: Annotated[
         bool,
-        typer.Option("--latency", help="Time original vs slim in onnxruntime.", rich_help_panel="Latency"),
+        typer.Option(
+            "--latency",
+            help="Time original vs slim (and quantised) ONNX in onnxruntime, interleaved, batch 1.",
+            rich_help_panel="Latency",
+        ),
     ] = SL["latency"],
     threads: Annotated[
         int, typer.Option(min=1, help="Threads for --latency.", rich_help_panel="Latency")
@@ -337,7 +379,15 @@ def slim_command(
     """Remove the pruned channels physically, verify the result, export and check ONNX."""
     from prunekit.stages.slim import slim_stage
 
-    config = SlimConfig(export=export.value, opset=opset, latency=latency, threads=threads)
+    config = SlimConfig(
+        export=export,
+        opset=opset,
+        latency=latency,
+        threads=threads,
+        quantize=quantize,
+        calibration_batches=calibration_batches,
+        max_quantization_drop=max_quantization_drop,
+    )
     result = slim_stage(
         checkpoint,
         output,

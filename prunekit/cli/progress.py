@@ -15,7 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 from prunekit.cli import render
-from prunekit.cli.render import pct
+from prunekit.cli.render import pct, pct_top5
 
 HEARTBEAT_S = 30.0  # seconds between heartbeat lines off a terminal (PRUNEKIT_HEARTBEAT_S overrides)
 
@@ -96,8 +96,10 @@ class Progress:
         else:
             self.line(
                 f"device {info.device}{' (bf16 autocast)' if info.amp else ''}; "
-                f"target {info.target_macs:g} of the MACs (t = {info.t:.3f} of the gateable "
-                f"{info.gateable_fraction:.3f}); baseline val acc {pct(info.baseline_val_acc)}"
+                f"target {info.target_macs:g} of the {'MACs' if info.budget == 'macs' else 'latency'} "
+                f"(t = {info.t:.3f} of the gateable "
+                f"{info.gateable_fraction:.3f}); baseline val acc "
+                f"{pct_top5(info.baseline_val_acc, info.baseline_val_top5)}"
             )
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -154,7 +156,8 @@ class Progress:
             self.line(
                 f"epoch {m.epoch}: loss {m.loss:.4f} (ce {m.ce:.4f}, act {m.act_loss:.4f}) "
                 f"train {pct(m.train_acc)} "
-                f"val {pct(m.val_acc)} MACs {m.macs_fraction:.3f}{' decided' if m.decided else ''} "
+                f"val {pct_top5(m.val_acc, m.val_top5)} MACs {m.macs_fraction:.3f}"
+                f"{' decided' if m.decided else ''} "
                 f"[{m.seconds:.0f}s, {m.images_per_s:.0f} img/s]"
             )
 
@@ -165,7 +168,9 @@ class Progress:
         elif name == "stage":
             self.line(f"stage {fields['stage']}: done")
         elif name == "pretrain":
-            self.line(f"pretrain epoch {fields['epoch']}: val {pct(fields['val_acc'])}")
+            self.line(
+                f"pretrain epoch {fields['epoch']}: val {pct_top5(fields['val_acc'], fields.get('val_top5'))}"
+            )
 
     def stop(self) -> None:
         self._stopped.set()

@@ -67,6 +67,12 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def pct_top5(top1: float | None, top5: float | None) -> str:
+    """Top-1 with top-5 beside it: '81.32% (top-5 95.10%)'; without a top-5 (a document from before
+    it was measured) top-1 alone."""
+    return pct(top1) + ("" if top5 is None else f" (top-5 {pct(top5)})")
+
+
 def percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
@@ -173,11 +179,11 @@ def _checkpoint_rows(summary: _Rows, info: Any) -> None:  # CheckpointInfo
     if info.target_macs is not None:
         summary.add_row("Target MACs", f"{info.target_macs:g} of the original's MACs")
     if info.baseline_val_acc is not None:
-        summary.add_row("Baseline val acc", pct(info.baseline_val_acc))
+        summary.add_row("Baseline val acc", pct_top5(info.baseline_val_acc, info.baseline_val_top5))
     if info.history:
         rows = [
-            f"{h['epoch']}: val {pct(h.get('val_acc'))}, MACs {h.get('macs_fraction', float('nan')):.3f}"
-            + (" decided" if h.get("decided") else "")
+            f"{h['epoch']}: val {pct_top5(h.get('val_acc'), h.get('val_top5'))}, "
+            f"MACs {h.get('macs_fraction', float('nan')):.3f}" + (" decided" if h.get("decided") else "")
             for h in info.history
         ]
         summary.add_row("History", "\n".join(rows))
@@ -275,7 +281,8 @@ def render_gate(result: dict[str, Any], output: str, out: Console | None = None)
 def render_finetune(result: dict[str, Any], out: Console | None = None) -> None:
     f = result["final"]
     (out or console()).print(
-        f"val acc {pct(f['val_acc'])} (baseline {pct(result['baseline_val_acc'])}) "
+        f"val acc {pct_top5(f['val_acc'], f.get('val_top5'))}; "
+        f"baseline {pct_top5(result['baseline_val_acc'], result.get('baseline_val_top5'))}; "
         f"at {f['macs_fraction']:.3f} "
         f"of the MACs ({human(result['expected_macs'])} of {human(result['macs_before'])}); "
         f"wrote {result['output']}" + (f", best {result['best']}" if result["best"] else "")
@@ -303,6 +310,13 @@ def render_slim(result: dict[str, Any], out: Console | None = None) -> None:
             f"{lat['ratio']:.3f}",
         )
     out.print(table)
+    budget = result.get("latency_budget")
+    if budget:
+        measured = f"; measured now {lat['slim_ms']:.2f} ms ({lat['threads']} threads)" if lat else ""
+        out.print(
+            f"latency budget {budget['target']}: {budget['target_ms']:.2f} ms of the original's "
+            f"{budget['original_ms']:.2f} ms ({budget['threads']} threads, at fine-tuning){measured}"
+        )
     if result.get("removes_nothing"):
         out.print("note: every gate is open: the plan removes no channel", style="bold")
     p = result["parity"]
@@ -314,6 +328,14 @@ def render_slim(result: dict[str, Any], out: Console | None = None) -> None:
             f"onnxruntime vs PyTorch max |diff| {x['max_abs_diff']:.2e} "
             f"at batch {x['verify_batch']}; wrote {x['path']}"
         )
+    if result.get("pt2"):
+        x = result["pt2"]
+        out.print(
+            f"torch.export program: max |diff| {x['max_abs_diff']:.2e} vs PyTorch after loading it back; "
+            f"wrote {x['path']}"
+        )
+    if result.get("quantized"):
+        render_shipping(result, out)
     out.print(f"wrote {result['checkpoint']}")
     widths = Table(title="channel widths per group", title_justify="left")
     for col in ("group", "before", "after"):
@@ -322,6 +344,56 @@ def render_slim(result: dict[str, Any], out: Console | None = None) -> None:
         widths.add_row(w["group"], str(w["before"]), str(w["after"]))
     out.print(widths)
     out.print(MACS_NOTE, style="dim")
+
+
+def render_shipping(result: dict[str, Any], out: Console) -> None:
+    """Original FP32, slim FP32 and each quantised copy side by side: MACs, file size, latency (with
+    --latency, measured interleaved), top-1 on the data and agreement with the FP32 slim model."""
+    quantized = result["quantized"]
+    models = (result.get("latency") or {}).get("models", {})
+    first = next(iter(quantized.values()))["accuracy"]
+    table = Table(title=f"shipping (top-1 on {first['examples']} validation images)", title_justify="left")
+    for col in ("model", "MACs", "file", "ms", "top-1", "agrees"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+
+    def ms(name: str) -> str:
+        return f"{models[name]['median_ms']:.2f}" if name in models else "-"
+
+    if "original" in models:
+        table.add_row(
+            "original FP32",
+            human(result["original"]["macs"]),
+            mib(models["original"]["size_bytes"]),
+            ms("original"),
+            "",
+            "",
+        )
+    onnx = result.get("onnx") or {}
+    table.add_row(
+        "slim FP32",
+        human(result["slim"]["macs"]),
+        mib(onnx.get("size_bytes")),
+        ms("slim"),
+        pct(first["fp32_top1"]),
+        "",
+    )
+    for mode, q in quantized.items():
+        a = q["accuracy"]
+        table.add_row(
+            f"slim {mode.upper()}",
+            human(result["slim"]["macs"]),
+            mib(q["size_bytes"]),
+            ms(mode),
+            f"{pct(a['top1'])} ({-a['drop_points']:+.2f})",
+            pct(a["agreement"]),
+        )
+    out.print(table)
+    for q in quantized.values():
+        out.print(f"wrote {q['path']}")
+
+
+def mib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**20:.1f} MiB"
 
 
 def render_run(report: dict[str, Any], out: Console | None = None) -> None:

@@ -64,12 +64,12 @@ def pretrain(
             loss.backward()
             opt.step()
             sched.step()
-        acc, _ = evaluate(model, loaders.val, dev)
+        val = evaluate(model, loaders.val, dev)
         if on_epoch:
-            on_epoch({"epoch": epoch, "val_acc": acc})
+            on_epoch({"epoch": epoch, "val_acc": val.top1, "val_top5": val.top5})
     with atomic_path(out) as tmp:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-    return {"weights": str(out), "val_acc": acc, "epochs": epochs}
+    return {"weights": str(out), "val_acc": val.top1, "val_top5": val.top5, "epochs": epochs}
 
 
 def demo_config(weights: Path, *, finetune_epochs: int = 3, max_accuracy_drop: float = 2.0) -> RunConfig:

@@ -24,8 +24,9 @@ from prunekit.config import RESUME_MUTABLE, FinetuneConfig, ModelSpec
 from prunekit.errors import CheckpointError, ConfigError, Interrupted, TrainingError, WriteError, first_line
 from prunekit.fileio import check_writable
 from prunekit.gates import GateBank, insert_gates_, remove_gates_, ungated_copy
+from prunekit.latency_table import table_path
 from prunekit.metrics import MetricsLog, metrics_path
-from prunekit.objective import MacBudget, MacModel
+from prunekit.objective import LatencyModel, MacBudget, MacModel, target_to_budget
 from prunekit.runtime import Runtime, resolve_runtime, unwrap
 from prunekit.stages.gate import original_size
 from prunekit.trainer import EpochMetrics, Trainer, evaluate, make_budget, run_epochs
@@ -33,14 +34,15 @@ from prunekit.trainer import EpochMetrics, Trainer, evaluate, make_budget, run_e
 
 @dataclass(frozen=True)
 class Baseline:
-    """The ungated starting model's validation accuracy, and what it was measured on."""
+    """The ungated starting model's validation accuracy (top-1, top-5), and what it was measured on."""
 
     val_acc: float
     macs: int
     data: str | None  # the --data it was measured on; None for loaders handed over in memory
+    val_top5: float | None = None  # None in checkpoints written before top-5 was measured
 
     def to_dict(self) -> dict[str, Any]:
-        return {"val_acc": self.val_acc, "macs": self.macs, "data": self.data}
+        return {"val_acc": self.val_acc, "val_top5": self.val_top5, "macs": self.macs, "data": self.data}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class FinetuneStart:
     gateable_fraction: float
     epochs: int = 0  # of the whole run
     batch_size: int = 0  # per process
+    baseline_val_top5: float | None = None
+    budget: str = "macs"  # "latency": target_macs and t are fractions of the predicted latency
 
 
 @dataclass
@@ -89,6 +93,8 @@ class FinetuneResult:
     budget: MacBudget
     config: FinetuneConfig
     files: dict[str, str] = field(default_factory=dict)  # what the file stage wrote ("last", "best")
+    original_macs: float | None = None  # the ungated model's MACs (the budget's total with a MACs budget)
+    latency: dict[str, Any] | None = None  # a latency budget: its target and table
 
     @property
     def model(self) -> nn.Module:
@@ -104,7 +110,7 @@ class FinetuneResult:
 
     @property
     def expected_macs(self) -> float:
-        return self.final["macs_fraction"] * self.budget.total_macs
+        return self.final["macs_fraction"] * (self.original_macs or self.budget.total_macs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,10 +118,12 @@ class FinetuneResult:
             "best": self.files.get("best"),
             "metrics": self.files.get("metrics"),
             "baseline_val_acc": self.baseline.val_acc,
+            "baseline_val_top5": self.baseline.val_top5,
             "history": self.history,
             "final": self.final,
             "target_macs": self.config.target_macs,
-            "macs_before": self.budget.total_macs,
+            "target_latency": self.latency,
+            "macs_before": self.original_macs or self.budget.total_macs,
             "expected_macs": round(self.expected_macs),  # a count: an integer
         }
 
@@ -128,8 +136,9 @@ class FinetuneSession:
     checkpoint: Checkpoint
     trainer: Trainer
     plain: nn.Module  # the ungated starting model: baseline accuracy and distillation teacher
-    budget: MacBudget
+    budget: MacBudget  # of MACs, or of predicted milliseconds with a latency budget
     steps_per_epoch: int
+    latency: dict[str, Any] | None = None  # a latency budget: its target and table (see _latency_budget)
 
     @property
     def runtime(self) -> Runtime:
@@ -137,8 +146,10 @@ class FinetuneSession:
 
     def evaluate_baseline(self, val_loader: Any, data: str | None) -> Baseline:
         device = self.runtime.device
-        acc, _ = evaluate(self.plain.to(device), val_loader, device, runtime=self.runtime)
-        return Baseline(acc, int(self.budget.total_macs), data)
+        val = evaluate(self.plain.to(device), val_loader, device, runtime=self.runtime)
+        return Baseline(
+            val.top1, int(self.trainer.total_macs or self.budget.total_macs), data, val_top5=val.top5
+        )
 
     def start_info(self, baseline: Baseline) -> FinetuneStart:
         b = self.budget
@@ -153,6 +164,8 @@ class FinetuneSession:
             gateable_fraction=b.gateable_macs / b.total_macs,
             epochs=self.trainer.config.epochs,
             batch_size=self.trainer.config.batch_size,
+            baseline_val_top5=baseline.val_top5,
+            budget="macs" if self.latency is None else "latency",
         )
 
 
@@ -170,6 +183,7 @@ def prepare_finetune(
     *,
     runtime: Runtime | None = None,
     start: Checkpoint | None = None,
+    latency_cache: Path | None = None,
 ) -> FinetuneSession:
     """Build one run's trainer, teacher and budget. `start`: the gated checkpoint the run began from,
     when `gated` is a half-trained one being resumed (the teacher is the starting model, not the
@@ -184,15 +198,89 @@ def prepare_finetune(
     if config.sync_bn and runtime.distributed:
         _convert_sync_batchnorm(gated, bank, runtime)
     mac_model = MacModel(gated.graph)
-    budget = make_budget(bank, mac_model, original_size(gated).macs, config.target_macs)
+    total_macs = original_size(gated).macs
+    latency: dict[str, Any] | None = None
+    if config.target_latency is None:
+        objective, budget = mac_model, make_budget(bank, mac_model, total_macs, config.target_macs)  # type: ignore[arg-type]
+    else:
+        objective, budget, latency = _latency_budget(gated, bank, plain, config, runtime, latency_cache)
     steps = (
         steps_per_epoch
         if config.max_steps_per_epoch is None
         else min(steps_per_epoch, config.max_steps_per_epoch)
     )
     teacher = plain if config.distill > 0 else None
-    trainer = Trainer(gated.model, bank, mac_model, budget, config, steps, runtime, teacher)
-    return FinetuneSession(gated, trainer, plain, budget, steps)
+    trainer = Trainer(
+        gated.model,
+        bank,
+        objective,
+        budget,
+        config,
+        steps,
+        runtime,
+        teacher,
+        mac_counter=None if latency is None else mac_model,
+        total_macs=total_macs,
+    )
+    return FinetuneSession(gated, trainer, plain, budget, steps, latency)
+
+
+def _latency_budget(
+    gated: Checkpoint,
+    bank: GateBank,
+    plain: nn.Module,
+    config: FinetuneConfig,
+    runtime: Runtime,
+    cache: Path | None,
+) -> tuple[LatencyModel, MacBudget, dict[str, Any]]:
+    """The latency objective: the per-layer table (read from `cache` when it was measured for this
+    model and machine, else measured on the first process and shared), its LatencyModel and the budget
+    of `config.target_latency`. Under torchrun every process gets the first one's table, so all of
+    them train toward the same numbers."""
+    from prunekit.config import DEFAULT_THREADS, parse_target_latency
+    from prunekit.latency_table import LatencyTable, latency_table
+
+    unit, value = parse_target_latency(config.target_latency)  # type: ignore[misc]
+    table_dict = None
+    source = None
+    if runtime.is_primary:
+        table, found = latency_table(
+            copy.deepcopy(plain).cpu().eval(),
+            gated.graph,
+            gated.spec.input_shape,  # type: ignore[arg-type]
+            threads=DEFAULT_THREADS,
+            granularity=bank.config.granularity,
+            cached=[cache] if cache is not None else [],
+        )
+        table_dict, source = table.to_dict(), (str(found) if found else "measured")
+    table_dict, source = runtime.gather((table_dict, source))[0]
+    table = LatencyTable.from_dict(table_dict)
+    model = LatencyModel(gated.graph, table.beta())
+    fraction = value if unit == "fraction" else value / table.full_ms
+    fixed_only = bank.unit_activity(bank.fixed_on)
+    min_ms = table.fixed_ms + float(model(fixed_only)[0])
+    target_ms = fraction * table.full_ms
+    if not 0.0 < fraction < 1.0 or target_ms < min_ms:
+        raise ConfigError(
+            f"target_latency {config.target_latency} ({target_ms:.2f} ms) cannot be met: the model takes "
+            f"{table.full_ms:.2f} ms, and at its minimum widths still {min_ms:.2f} ms "
+            f"({min_ms / table.full_ms:.3f} of it; lower --min-keep when gating, or pick a larger budget)"
+        )
+    if runtime.is_primary and source == "measured" and cache is not None:
+        table.save(cache)  # only once the budget is known to be reachable: bad input writes nothing
+    budget = target_to_budget(
+        fraction, table.full_ms, model.gateable_macs, (min_ms - table.fixed_ms) / model.gateable_macs
+    )
+    info = {
+        "target": config.target_latency,
+        "target_ms": target_ms,
+        "original_ms": table.full_ms,
+        "fixed_ms": table.fixed_ms,
+        "threads": table.key["threads"],
+        "table": str(cache) if cache is not None else None,
+        "table_source": source,
+    }
+    return model, budget, info
 
 
 def _convert_sync_batchnorm(gated: Checkpoint, bank: GateBank, runtime: Runtime) -> None:
@@ -228,6 +316,8 @@ def _train(
         baseline,
         session.budget,
         trainer.config,
+        original_macs=trainer.total_macs,
+        latency=session.latency,
     )
 
     def epoch_end(tr: Trainer, m: EpochMetrics) -> None:
@@ -246,7 +336,11 @@ def _train(
         if after_epoch is not None:
             after_epoch(session, result, True)
         raise
-    result.checkpoint.extra |= {"finetune": trainer.config.to_dict(), "budget": session.budget.to_dict()}
+    result.checkpoint.extra |= {
+        "finetune": trainer.config.to_dict(),
+        "budget": session.budget.to_dict(),
+        "latency_budget": session.latency,
+    }
     return result
 
 
@@ -354,7 +448,11 @@ class _EpochSaver:
         self, session: FinetuneSession, result: FinetuneResult, training: Any, history: list[dict[str, Any]]
     ) -> Checkpoint:
         c = result.checkpoint
-        extra = c.extra | {"finetune": session.trainer.config.to_dict(), "budget": session.budget.to_dict()}
+        extra = c.extra | {
+            "finetune": session.trainer.config.to_dict(),
+            "budget": session.budget.to_dict(),
+            "latency_budget": session.latency,
+        }
         return Checkpoint(
             c.spec, c.model, c.graph, "finetuned", history=history, training=training, extra=extra
         )
@@ -458,6 +556,8 @@ def data_loaders(
         input_shape=spec.input_shape,  # type: ignore[arg-type]
         mean=spec.mean,
         std=spec.std,
+        resize_size=spec.resize_size,
+        interpolation=spec.interpolation,
         batch_size=config.batch_size,
         workers=config.workers,
         seed=config.seed,
@@ -491,7 +591,9 @@ def finetune_to_files(
     training curve to `metrics` (default: `<out stem>.metrics.csv`, see prunekit.metrics)."""
     runtime = runtime or resolve_runtime(config.device)
     runtime.seed(config.seed)
-    session = prepare_finetune(ckpt, config, len(loaders.train), runtime=runtime, start=start)
+    session = prepare_finetune(
+        ckpt, config, len(loaders.train), runtime=runtime, start=start, latency_cache=table_path(out)
+    )
     callbacks = callbacks or FinetuneCallbacks()
     metrics = metrics_path(out) if metrics is None else metrics
     if runtime.is_primary:

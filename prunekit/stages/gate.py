@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ def _complete_spec(
             raise ConfigError("gate() needs input_shape=(C, H, W) (or a spec) to trace the model")
         spec = ModelSpec(source=None, input_shape=input_shape)
     elif input_shape is not None and tuple(input_shape) != spec.input_shape:
-        spec = replace(spec, input_shape=input_shape)
+        spec = spec.with_input_shape(input_shape)  # the evaluation resize follows the crop
     return spec if spec.complete else complete_spec(model, spec)
 
 

@@ -55,9 +55,10 @@ class CheckpointInfo:
     decided_params: int | None
     target_macs: float | None  # fraction of the original's MACs the run aimed for
     original_macs: int | None  # MACs of the model before gating
-    history: tuple[dict[str, Any], ...]  # per epoch: val_acc, macs_fraction, decided, ...
+    history: tuple[dict[str, Any], ...]  # per epoch: val_acc, val_top5, macs_fraction, decided, ...
     recipe: dict[str, Any] | None  # the fine-tune config
-    baseline_val_acc: float | None
+    baseline_val_acc: float | None  # top-1 of the model before gating, as fine-tuning measured it
+    baseline_val_top5: float | None = None  # None also for checkpoints from before top-5 was measured
 
 
 def report_target(
@@ -128,6 +129,7 @@ def _checkpoint_info(ckpt: Any) -> CheckpointInfo:
         history=tuple(ckpt.history),
         recipe=recipe,
         baseline_val_acc=(extra.get("baseline") or {}).get("val_acc"),
+        baseline_val_top5=(extra.get("baseline") or {}).get("val_top5"),
     )
 
 
@@ -149,7 +151,7 @@ def _load_report_target(
         ckpt = load_checkpoint(Path(target), source=source)
         info = _checkpoint_info(ckpt)  # takes the gate hooks off: the dense architecture is measured
         shown = replace(ckpt.spec, weights=f"{target} ({ckpt.stage})")
-        return ckpt.model, shown if input_shape is None else replace(shown, input_shape=input_shape), info
+        return ckpt.model, shown if input_shape is None else shown.with_input_shape(input_shape), info
     from prunekit.models import load_model
 
     spec = ModelSpec(

@@ -8,6 +8,7 @@ holding the smaller `nn.Module`, its plan and its report; `export_onnx(slim_resu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -20,7 +21,7 @@ from torch import nn
 
 from prunekit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from prunekit.config import DEFAULT_OPSET, ModelSpec, SlimConfig
-from prunekit.errors import CheckpointError, ConfigError, VerificationError
+from prunekit.errors import AccuracyGateError, CheckpointError, ConfigError, VerificationError
 from prunekit.fileio import check_writable
 from prunekit.gates import get_gates, plan_from_gates, ungated_copy
 from prunekit.masking import masked
@@ -28,6 +29,7 @@ from prunekit.measure import count_macs
 from prunekit.modes import training_flags
 from prunekit.parity import Parity
 from prunekit.plan import ChannelPlan, group_widths, is_full
+from prunekit.quantize import quantized_path
 from prunekit.runtime import Runtime, model_device, resolve_runtime
 from prunekit.stages.gate import OriginalSize, original_size
 from prunekit.surgery import slim_, verify_slim
@@ -47,6 +49,8 @@ class SlimResult:
     source: str | None = None
     accuracy: dict[str, float | None] | None = None  # {"slim": ..., "original": ...} on the given data
     onnx: dict[str, Any] | None = None
+    pt2: dict[str, Any] | None = None  # the torch.export program, when exported
+    quantized: dict[str, dict[str, Any]] | None = None  # mode -> QuantizedExport.to_dict()
     latency: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # what the file stage wrote: checkpoint, plan
     checkpoint_bytes: int | None = None
@@ -73,9 +77,11 @@ class SlimResult:
             "parity": self.parity.to_dict(),
             "widths": group_widths(self.checkpoint.graph, self.plan),
         }
-        for key in ("accuracy", "onnx", "latency"):
+        for key in ("accuracy", "onnx", "pt2", "quantized", "latency"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
+        if self.checkpoint.extra.get("latency_budget"):  # fine-tuned toward a latency budget
+            data["latency_budget"] = self.checkpoint.extra["latency_budget"]
         data |= {k: self.files[k] for k in ("checkpoint", "plan") if k in self.files}
         if self.checkpoint_bytes is not None:
             data["checkpoint_bytes"] = self.checkpoint_bytes
@@ -163,15 +169,19 @@ def _accuracy(
     data: str | None,
     runtime: Runtime | None,
 ) -> dict[str, float | None]:
-    """The slim model's accuracy, and the starting model's beside it: the baseline fine-tuning measured
-    when it was measured on the same `data`; with a plan (`plain` given), the checkpoint's own weights
-    are the starting point and are measured here."""
+    """The slim model's accuracy (top-1 and top-5), and the starting model's beside it: the baseline
+    fine-tuning measured when it was measured on the same `data` (its top-5 is None in checkpoints
+    from before top-5 was measured); with a plan (`plain` given), the checkpoint's own weights are the
+    starting point and are measured here."""
     device = (runtime or resolve_runtime()).device
     base = ckpt.extra.get("baseline") or {}
-    original = base.get("val_acc") if data is not None and base.get("data") == data else None
+    same = data is not None and base.get("data") == data
+    original, original_top5 = (base.get("val_acc"), base.get("val_top5")) if same else (None, None)
     if original is None and plain is not None:
-        original = evaluate(_on(plain, device), val_loader, device)[0]
-    return {"slim": evaluate(_on(slimmed, device), val_loader, device)[0], "original": original}
+        before = evaluate(_on(plain, device), val_loader, device)
+        original, original_top5 = before.top1, before.top5
+    after = evaluate(_on(slimmed, device), val_loader, device)
+    return {"slim": after.top1, "original": original, "slim_top5": after.top5, "original_top5": original_top5}
 
 
 def _on(model: nn.Module, device: torch.device) -> nn.Module:
@@ -208,23 +218,52 @@ def export_onnx(
 
 @dataclass(frozen=True)
 class SlimOutputs:
-    """Where the slim stage writes: the ONNX file (None: no export), the slim checkpoint, the plan."""
+    """Where the slim stage writes: the ONNX file and the torch.export program (None: not exported),
+    the slim checkpoint, the plan, and the quantised copies of the ONNX file (mode -> path)."""
 
     onnx: Path | None
     checkpoint: Path
     plan: Path | None = None
+    pt2: Path | None = None
+    quantized: dict[str, Path] = field(default_factory=dict)
 
     @classmethod
-    def for_output(cls, out: Path, export: str, checkpoint: Path | None, plan: Path | None) -> SlimOutputs:
-        onnx = out if export == "onnx" else None
-        ckpt = checkpoint or (out.with_suffix(".pt") if onnx is not None else out)
-        if onnx is not None and ckpt == onnx:
-            raise ConfigError("the ONNX file and the slim checkpoint would have the same path")
-        outputs = cls(onnx, ckpt, plan)
-        for p in (outputs.onnx, outputs.checkpoint, outputs.plan):
-            if p is not None:
-                check_writable(p)
+    def for_output(
+        cls,
+        out: Path,
+        export: str | SlimConfig,
+        checkpoint: Path | None,
+        plan: Path | None,
+    ) -> SlimOutputs:
+        """The first export format is written at `out`, a second one beside it with its own suffix
+        (model.onnx and model.pt2); the checkpoint defaults to `out` with `.pt` when something is
+        exported, else to `out`; quantised copies sit beside the ONNX file (model.int8.onnx)."""
+        config = export if isinstance(export, SlimConfig) else SlimConfig(export=export)
+        formats = config.formats
+        paths = {fmt: out if i == 0 else out.with_suffix(f".{fmt}") for i, fmt in enumerate(formats)}
+        ckpt = checkpoint or (out.with_suffix(".pt") if formats else out)
+        onnx = paths.get("onnx")
+        quantized = {m: quantized_path(onnx, m) for m in config.quantize_modes} if onnx else {}
+        outputs = cls(onnx, ckpt, plan, paths.get("pt2"), quantized)
+        named = [("the slim checkpoint", ckpt), *((f"the {f} file", p) for f, p in paths.items())]
+        named += [(f"the {m} file", p) for m, p in quantized.items()]
+        if plan is not None:
+            named.append(("the plan", plan))
+        seen: dict[Path, str] = {}
+        for what, path in named:
+            key = Path(os.path.abspath(path))
+            if key in seen:
+                raise ConfigError(f"{seen[key]} and {what} would have the same path: {path}")
+            seen[key] = what
+        for _, path in named:
+            check_writable(path)
         return outputs
+
+    def files(self) -> dict[str, Path]:
+        """Every file this stage writes, by role."""
+        files = {"checkpoint": self.checkpoint}
+        files |= {k: v for k, v in (("onnx", self.onnx), ("pt2", self.pt2), ("plan", self.plan)) if v}
+        return files | {f"onnx_{mode}": path for mode, path in self.quantized.items()}
 
 
 def slim_stage(
@@ -242,7 +281,16 @@ def slim_stage(
     checkpoint, the ONNX file (unless config.export is "none") and the plan. `model_source`: the model
     source the user names, for checkpoints of a model of one's own."""
     config = config or SlimConfig()
-    outputs = SlimOutputs.for_output(out, config.export, checkpoint_out, plan_out)
+    outputs = SlimOutputs.for_output(out, config, checkpoint_out, plan_out)
+    for role, path in outputs.files().items():  # the input is never overwritten by an output
+        if Path(source).exists() and os.path.abspath(path) == os.path.abspath(source):
+            hint = "; pass --checkpoint PATH for the slim checkpoint" if role == "checkpoint" else ""
+            raise ConfigError(f"the {role} output would overwrite the input {source}{hint}")
+    if config.quantize_modes and data is None:
+        modes = ",".join(config.quantize_modes)
+        raise ConfigError(
+            f"--quantize {modes} needs --data: the calibration images and the accuracy check come from it"
+        )
     ckpt = load_checkpoint(source, source=model_source)
     if ckpt.stage == "slim":
         raise CheckpointError(f"{source} is already slimmed")
@@ -251,34 +299,46 @@ def slim_stage(
             f"{source} has no gates: run `prunekit finetune` first, or pass --plan PLAN.json"
         )
     plan = ChannelPlan.load(plan_file) if plan_file is not None else None
-    val = _val_loader(data, ckpt.spec)
+    loaders = data_loaders(data, ckpt.spec)
+    calibration = calibration_batches(loaders, config)  # before the long work: a too small set is an error
+    val = loaders.val if loaders is not None else None
     result = slim(ckpt, plan=plan, val_loader=val, data=data, rtol=config.rtol)
     result.source = str(source)
     if plan_file is not None:
         result.plan_source = str(plan_file)
-    write_slim(result, outputs, config, reference=ckpt)
+    write_slim(result, outputs, config, reference=ckpt, val_loader=val, calibration=calibration)
+    quantization_gate(result, config)
     return result
 
 
 def write_slim(
-    result: SlimResult, outputs: SlimOutputs, config: SlimConfig, *, reference: Checkpoint
+    result: SlimResult,
+    outputs: SlimOutputs,
+    config: SlimConfig,
+    *,
+    reference: Checkpoint,
+    val_loader: Any = None,
+    calibration: list[Any] | None = None,
 ) -> None:
-    """Write the slim checkpoint and its ONNX export as a pair: the export is staged next to its target,
-    checked, then the checkpoint is saved, and only then the ONNX file is put in place, so a failure
-    anywhere leaves neither half-done nor one without the other. `reference`: the checkpoint the slim
-    model came from (its ungated model is the "original" of the latency comparison)."""
+    """Write the slim checkpoint and its exports as one set: every export (ONNX, its quantised copies,
+    the torch.export program) is staged next to its target and checked, then the checkpoint is saved,
+    and only then the exports are put in place, so a failure anywhere leaves nothing half-done and no
+    export without its checkpoint. `reference`: the checkpoint the slim model came from (its ungated
+    model is the "original" of the latency comparison). Quantised copies are checked by accuracy on
+    `val_loader` (INT8 is calibrated on `calibration`, see `calibration_batches`); the caller applies
+    `quantization_gate` once everything is written."""
     ckpt = result.checkpoint
     ckpt.extra = ckpt.extra | {"slim_report": {k: v for k, v in result.to_dict().items() if k != "widths"}}
-    if outputs.onnx is None:
-        save_checkpoint(ckpt, outputs.checkpoint)
-    else:
-        from prunekit.export import export_onnx as _export
-        from prunekit.export import staging
+    with contextlib.ExitStack() as stack:
+        staged: dict[str, Path] = {}  # role -> staging file, put in place when the stack closes
+        if outputs.onnx is not None:
+            from prunekit.export import export_onnx as _export
+            from prunekit.export import staging
 
-        with staging(outputs.onnx) as staged:
+            staged["onnx"] = stack.enter_context(staging(outputs.onnx))
             exported = _export(
                 result.model,
-                staged,
+                staged["onnx"],
                 staged=True,
                 input_shape=result.spec.input_shape,
                 opset=config.opset,
@@ -287,12 +347,31 @@ def write_slim(
             )
             result.onnx = exported.to_dict() | {
                 "path": str(outputs.onnx),
-                "size_bytes": os.path.getsize(staged),
+                "size_bytes": os.path.getsize(staged["onnx"]),
             }
-            if config.latency:
-                result.latency = _latency_pair(ungated_copy(reference.model), staged, result.spec, config)
-            ckpt.extra["slim_report"] |= {"onnx": result.onnx, "latency": result.latency}
-            save_checkpoint(ckpt, outputs.checkpoint)
+            if outputs.quantized:
+                result.quantized = _quantized(outputs, staged, stack, config, val_loader, calibration)
+        if outputs.pt2 is not None:
+            from prunekit.pt2 import export_pt2, pt2_staging
+
+            staged["pt2"] = stack.enter_context(pt2_staging(outputs.pt2))
+            result.pt2 = export_pt2(
+                result.model,
+                staged["pt2"],
+                input_shape=result.spec.input_shape,  # type: ignore[arg-type]
+                inputs=result.inputs,
+                rtol=config.rtol,
+                staged=True,
+            ).to_dict() | {"path": str(outputs.pt2)}
+        if config.latency and "onnx" in staged:
+            result.latency = _latency_table(ungated_copy(reference.model), staged, result, config)
+        ckpt.extra["slim_report"] |= {
+            "onnx": result.onnx,
+            "pt2": result.pt2,
+            "quantized": result.quantized,
+            "latency": result.latency,
+        }
+        save_checkpoint(ckpt, outputs.checkpoint)
     result.files["checkpoint"] = str(outputs.checkpoint)
     result.checkpoint_bytes = os.path.getsize(outputs.checkpoint)
     if outputs.plan is not None:
@@ -300,42 +379,145 @@ def write_slim(
         result.files["plan"] = str(outputs.plan)
 
 
-def _val_loader(data: str | None, spec: ModelSpec) -> Any:
+def _quantized(
+    outputs: SlimOutputs,
+    staged: dict[str, Path],
+    stack: contextlib.ExitStack,
+    config: SlimConfig,
+    val_loader: Any,
+    calibration: list[Any] | None,
+) -> dict[str, dict[str, Any]]:
+    """Stage each quantised copy of the staged FP32 ONNX file and check it by accuracy on `val_loader`
+    against the FP32 file (both run in onnxruntime)."""
+    from prunekit.quantize import check_accuracy, onnx_predictions, quantize
+
+    if val_loader is None:
+        raise ConfigError("quantisation needs data: the accuracy check runs on its validation split")
+    batches = [(x.numpy(), y.numpy()) for x, y in val_loader]
+    reference, labels = onnx_predictions(staged["onnx"], batches, config.threads)
+    done = {}
+    for mode, path in outputs.quantized.items():
+        staged[mode] = stack.enter_context(_onnx_staging(path))
+        q = quantize(mode, staged["onnx"], staged[mode], calibration=calibration)
+        q.path = path
+        predictions, _ = onnx_predictions(staged[mode], batches, config.threads)
+        q.accuracy = check_accuracy(reference, predictions, labels)
+        done[mode] = q.to_dict()
+    return done
+
+
+def _onnx_staging(path: Path) -> contextlib.AbstractContextManager[Path]:
+    from prunekit.export import staging
+
+    return staging(path)
+
+
+def quantization_failure(result: SlimResult | dict[str, Any], config: SlimConfig) -> str | None:
+    """With max_quantization_drop: why the quantised copies fail it (the one that lost the most top-1
+    points against FP32), else None."""
+    allowed = config.max_quantization_drop
+    quantized = result.get("quantized") if isinstance(result, dict) else result.quantized
+    if allowed is None or not quantized:
+        return None
+    worst = max(quantized.values(), key=lambda q: q["accuracy"]["drop_points"])
+    drop = worst["accuracy"]["drop_points"]
+    if drop <= allowed:
+        return None
+    return f"the {worst['mode']} model lost {drop:.2f} top-1 points against FP32 (allowed {allowed:g})"
+
+
+def quantization_gate(result: SlimResult, config: SlimConfig) -> None:
+    """Raise AccuracyGateError (exit 3) when `quantization_failure` says so; files stay written."""
+    failure = quantization_failure(result, config)
+    if failure is not None:
+        written = ", ".join(q["path"] for q in (result.quantized or {}).values())
+        raise AccuracyGateError(f"{failure}; the files are written: {written}")
+
+
+def calibration_batches(loaders: Any, config: SlimConfig) -> list[Any] | None:
+    """INT8's calibration batches from the data's training split, with evaluation transforms (the
+    accuracy check uses the validation split, so the two do not overlap)."""
+    if "int8" not in config.quantize_modes or loaders is None:
+        return None
+    from prunekit.quantize import calibration_inputs
+
+    return calibration_inputs(loaders.train.dataset, config.calibration_batches)
+
+
+def data_loaders(data: str | None, spec: ModelSpec) -> Any:
+    """prunekit.data.DataLoaders of `data` without augmentation (None without data)."""
     if data is None:
         return None
     from prunekit.data import resolve_data
 
     loaders = resolve_data(
-        data, input_shape=spec.input_shape, mean=spec.mean, std=spec.std, batch_size=64, train_augment=False
+        data,
+        input_shape=spec.input_shape,
+        mean=spec.mean,
+        std=spec.std,
+        resize_size=spec.resize_size,
+        interpolation=spec.interpolation,
+        batch_size=64,
+        train_augment=False,
     )
     if loaders.num_classes != spec.num_classes:  # an accuracy over other labels would mean nothing
         raise ConfigError(
             f"the data has {loaders.num_classes} classes but the model {spec.num_classes}: "
             "pass the --data the model was fine-tuned on"
         )
-    return loaders.val
+    return loaders
 
 
-def _latency_pair(
-    original: nn.Module, slim_onnx: Path, spec: ModelSpec, config: SlimConfig
+def _latency_table(
+    original: nn.Module, staged: dict[str, Path], result: SlimResult, config: SlimConfig
 ) -> dict[str, Any]:
-    """onnxruntime latency of the original and the slimmed export, measured side by side (batch 1)."""
+    """onnxruntime latency at batch 1 of the original model and of every staged ONNX file (slim FP32
+    and its quantised copies), measured interleaved in one run, with each one's MACs and file size."""
     from prunekit.export import export_onnx as _export
-    from prunekit.measure import onnx_latency_ms
+    from prunekit.measure import onnx_latency_interleaved
 
+    spec = result.spec
     shape = (1, *spec.input_shape)  # type: ignore[misc]
     with tempfile.TemporaryDirectory() as tmp:
-        orig_path = Path(tmp) / "original.onnx"
-        _export(original, orig_path, input_shape=spec.input_shape, opset=config.opset)
-        before = onnx_latency_ms(orig_path, shape, threads=config.threads, warmup=5, repeats=30)
-        after = onnx_latency_ms(slim_onnx, shape, threads=config.threads, warmup=5, repeats=30)
+        files = {"original": Path(tmp) / "original.onnx"}
+        _export(original, files["original"], input_shape=spec.input_shape, opset=config.opset)
+        files |= {"slim": staged["onnx"]} | {m: staged[m] for m in config.quantize_modes if m in staged}
+        timed = onnx_latency_interleaved(files, shape, config.threads, warmup=5, repeats=30)
+        sizes = {name: os.path.getsize(path) for name, path in files.items()}
+    macs = {"original": result.original.macs} | {
+        name: result.slim_size.macs for name in files if name != "original"
+    }
+    before, after = timed["original"].median_ms, timed["slim"].median_ms
     return {
         "threads": config.threads,
         "batch": 1,
-        "original_ms": before.median_ms,
-        "slim_ms": after.median_ms,
-        "ratio": after.median_ms / max(before.median_ms, 1e-9),  # slim / original, as every ratio
+        "repeats": 30,
+        "interleaved": True,
+        "original_ms": before,
+        "slim_ms": after,
+        "ratio": after / max(before, 1e-9),  # slim / original, as every ratio
+        "models": {
+            name: {
+                "median_ms": timed[name].median_ms,
+                "p90_ms": timed[name].p90_ms,
+                "ratio": timed[name].median_ms / max(before, 1e-9),
+                "macs": int(macs[name]),
+                "size_bytes": sizes[name],
+            }
+            for name in files
+        },
     }
 
 
-__all__ = ["SlimOutputs", "SlimResult", "export_onnx", "slim", "slim_stage", "write_slim"]
+__all__ = [
+    "SlimOutputs",
+    "SlimResult",
+    "calibration_batches",
+    "data_loaders",
+    "export_onnx",
+    "quantization_failure",
+    "quantization_gate",
+    "slim",
+    "slim_stage",
+    "write_slim",
+]
