@@ -10,8 +10,19 @@ granularity, from a quarter of the layer's width to all of it). A least-squares 
 
 which has exactly the form of a MAC term, so `prunekit.objective.LatencyModel` feeds the same
 FLOP-weighted activation loss and the same budget rule with latency weights in place of MAC weights.
-The whole model is timed once at full width: what the per-layer slopes do not explain (intercepts,
-layers no gate touches, the runtime's own overhead) is the fixed part of the budget.
+Isolated layers do not add up to the whole graph: onnxruntime fuses conv + BN + ReLU, and memory
+traffic differs, most at the early, high-resolution layers, where cutting channels saves less than the
+layers alone promise. So whole models are timed too, interleaved in one run: at full width, with each
+channel group cut to a quarter of its width (the rest whole), and with every group at half. Each
+group's measured saving over the saving its layers predict scales the slopes of the layers it feeds or
+reads (the geometric mean of the two groups' scales for a layer between two groups); then one scale and
+a fixed part (intercepts, layers no gate touches, the runtime's overhead) make the model exact at full
+and at half width. Every timing runs with the sessions' thread spinning off, as `slim --latency`.
+
+onnxruntime's CPU convolutions work on blocks of channels (NCHWc: 8 or 16 per block, by the CPU's
+vector width), so 40 channels cost what 48 do. A probe finds the block size; channel counts are rounded
+up to it wherever the table predicts the time of decided widths (`LatencyModel` on hard decisions),
+while training sees the smooth, unrounded cost.
 
 The table is saved as JSON next to the fine-tuned checkpoint and reused when it was measured for the
 same layers, input shape, thread count, onnxruntime version and CPU, so it is measured once.
@@ -25,7 +36,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +48,12 @@ from prunekit.errors import ConfigError, ExportError
 from prunekit.graph import ChannelGraph, MacTerm
 from prunekit.onnxrt import cpu_session
 
-TABLE_VERSION = 1
+TABLE_VERSION = 4
+_BLOCKS = (1, 16, 32)  # candidate channel blocks (8 is 1 for the default granularity of 8)
 WIDTH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 _WARMUP, _REPEATS = 3, 15
 
-__all__ = ["LatencyTable", "TermLatency", "latency_table", "table_path"]
+__all__ = ["LatencyTable", "MeasuredLatency", "TermLatency", "latency_table", "rounded", "table_path"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class TermLatency:
     alpha_ms: float  # the fitted intercept
     beta_ms: float  # ms per (c_in * c_out), or per conv group for "per_unit"
     points: tuple[tuple[int, int, float], ...]  # (c_in, c_out, measured ms); c_in = 0 for per_unit
+    group_scale: float = 1.0  # from the whole-model timings with its groups cut (see the module text)
 
 
 @dataclass(frozen=True)
@@ -58,11 +71,14 @@ class LatencyTable:
     key: dict[str, Any]  # what it was measured for: reused only when this matches
     full_ms: float  # the whole model at full width, batch 1
     fixed_ms: float  # full_ms minus every term's slope part at full width
-    slope_scale: float  # < 1 when the isolated layers' slopes add up to more than the whole model
+    slope_scale: float  # the isolated layers' slopes times this explain the whole model (see _calibrate)
     terms: tuple[TermLatency, ...]
+    calibration: dict[str, Any] = field(default_factory=dict)  # the whole-model timings behind the scale
+    block: int = 1  # channel counts cost as if rounded up to a multiple of this (see _probe_block)
 
     def beta(self) -> dict[str, float]:
-        return {t.name: t.beta_ms * self.slope_scale for t in self.terms}
+        """The slope of every gateable layer as the whole model sees it."""
+        return {t.name: t.beta_ms * t.group_scale * self.slope_scale for t in self.terms}
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": TABLE_VERSION, **asdict(self)}
@@ -70,10 +86,25 @@ class LatencyTable:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
         terms = tuple(
-            TermLatency(t["name"], t["kind"], t["alpha_ms"], t["beta_ms"], tuple(map(tuple, t["points"])))
+            TermLatency(
+                t["name"],
+                t["kind"],
+                t["alpha_ms"],
+                t["beta_ms"],
+                tuple(map(tuple, t["points"])),
+                t.get("group_scale", 1.0),
+            )
             for t in data["terms"]
         )
-        return cls(data["key"], data["full_ms"], data["fixed_ms"], data["slope_scale"], terms)
+        return cls(
+            data["key"],
+            data["full_ms"],
+            data["fixed_ms"],
+            data["slope_scale"],
+            terms,
+            data.get("calibration", {}),
+            int(data.get("block", 1)),
+        )
 
     def save(self, path: Path) -> None:
         from prunekit.fileio import atomic_write_text
@@ -143,24 +174,122 @@ def _measure(
     granularity: int,
     key: dict[str, Any],
 ) -> LatencyTable:
+    from prunekit.plan import fraction_plan
+
     shapes = _input_shapes(model, input_shape)
     terms = []
-    variable_full = 0.0
     with tempfile.TemporaryDirectory(prefix="prunekit-latency-") as tmp:
+        block, probe = _probe_block(threads, Path(tmp))
         for term in graph.mac_terms:
             if not term.prunable:
                 continue
             module = model.get_submodule(term.name)
             if term.name not in shapes:
                 raise ExportError(f"cannot time layer {term.name}: it did not run in a forward pass")
-            fitted, full = _time_term(term, module, shapes[term.name], threads, granularity, Path(tmp))
-            terms.append(fitted)
-            variable_full += fitted.beta_ms * full
-        full_ms = _whole_model_ms(model, input_shape, threads, Path(tmp))
-    # Isolated layers carry per-call overhead the whole graph does not; their slopes may add up to more
-    # than the model's time. Then they are scaled so the fixed part keeps a tenth of the whole.
-    scale = 1.0 if variable_full <= 0.9 * full_ms else 0.9 * full_ms / variable_full
-    return LatencyTable(key, full_ms, full_ms - scale * variable_full, scale, tuple(terms))
+            terms.append(_time_term(term, module, shapes[term.name], threads, granularity, Path(tmp), block))
+        plans = {"half": fraction_plan(graph, 0.5)} | _group_cuts(graph)
+        timed = _whole_models_ms(model, input_shape, threads, Path(tmp), graph=graph, plans=plans)
+    full_ms, half_ms = timed["full"], timed["half"]
+    raw = {t.name: t.beta_ms for t in terms}
+    v_full = _slope_part(graph, raw, None, block)
+    group_scales = {}
+    for name, plan in plans.items():
+        if name == "half":
+            continue
+        predicted = v_full - _slope_part(graph, raw, plan.unit_mask(graph), block)
+        measured = full_ms - timed[name]
+        # a group whose cut the timings cannot resolve (a small share of the time) keeps its slopes
+        ok = predicted > 0.02 * full_ms and measured > 0
+        group_scales[int(name)] = min(4.0, max(0.25, measured / predicted)) if ok else 1.0
+    terms = [replace(t, group_scale=_term_scale(graph, t.name, group_scales)) for t in terms]
+    beta = {t.name: t.beta_ms * t.group_scale for t in terms}
+    variable_full = _slope_part(graph, beta, None, block)
+    variable_half = _slope_part(graph, beta, plans["half"].unit_mask(graph), block)
+    scale, fixed = _calibrate(full_ms, half_ms, variable_full, variable_half)
+    calibration = {
+        "half_ms": half_ms,
+        "slopes_full_ms": variable_full,
+        "slopes_half_ms": variable_half,
+        "half_plan": "every group at half its width (its first units)",
+        "group_cut_ms": {graph.groups[int(k)].name: v for k, v in timed.items() if k not in ("full", "half")},
+        "group_scales": {graph.groups[g].name: v for g, v in group_scales.items()},
+        "block_probe_ms": probe,
+    }
+    return LatencyTable(key, full_ms, fixed, scale, tuple(terms), calibration, block)
+
+
+def rounded(n: float, block: int) -> float:
+    """`n` channels as the runtime pays for them: rounded up to a multiple of `block`."""
+    return n if block <= 1 else float(-(-round(n) // block) * block)
+
+
+def _probe_block(threads: int, tmp: Path) -> tuple[int, dict[str, float]]:
+    """The channel block of onnxruntime's convolutions here: time a 3x3 conv (64 -> c channels, 28x28)
+    for c from 32 to 80 in steps of 8 and keep the block whose rounding explains the times best (the
+    smallest one when they tie)."""
+    conv = nn.Conv2d(64, 80, 3, padding=1)
+    widths = list(range(32, 81, 8))
+    times = {c: _time_layer(conv, (1, 64, 28, 28), 64, c, threads, tmp) for c in widths}
+    best, best_err = 1, float("inf")
+    for block in _BLOCKS:
+        xs = [rounded(c, block) for c in widths]
+        alpha, beta = _fit(xs, [times[c] for c in widths])
+        err = sum((alpha + beta * x - times[c]) ** 2 for x, c in zip(xs, widths, strict=True))
+        if err < 0.7 * best_err:  # a larger block must explain clearly more than the smaller one
+            best, best_err = block, err
+    return best, {str(c): t for c, t in times.items()}  # JSON keys: strings
+
+
+def _group_cuts(graph: ChannelGraph) -> dict[str, Any]:
+    """One plan per group of at least two units: that group cut to a quarter of its units, the rest whole."""
+    from prunekit.plan import plan_from_scores
+
+    scores = [0.0] * graph.num_units  # ties: the first units are kept
+    plans = {}
+    for group in graph.groups:
+        if group.units < 2:
+            continue
+        counts = [max(1, g.units // 4) if g.index == group.index else g.units for g in graph.groups]
+        plans[str(group.index)] = plan_from_scores(graph, scores, counts)
+    return plans
+
+
+def _term_scale(graph: ChannelGraph, name: str, group_scales: dict[int, float]) -> float:
+    """The geometric mean of the scales of the groups a layer's gateable channels belong to."""
+    term = next(t for t in graph.mac_terms if t.name == name)
+    groups = {graph.unit_group[u] for u in (*term.in_units, *term.out_units, *term.units) if u >= 0}
+    scales = [group_scales.get(g, 1.0) for g in sorted(groups)]
+    return float(np.exp(np.mean(np.log(scales)))) if scales else 1.0
+
+
+def _slope_part(graph: ChannelGraph, beta: dict[str, float], keep: Any, block: int = 1) -> float:
+    """Sum of beta * (c_in * c_out, or conv groups) over the gateable layers, with the units in `keep`
+    (None: all), channel counts rounded up to `block`."""
+
+    def count(units: tuple[int, ...]) -> float:
+        return rounded(sum(1.0 if u < 0 or keep is None or keep[u] else 0.0 for u in units), block)
+
+    total = 0.0
+    for t in graph.mac_terms:
+        if t.prunable:
+            x = count(t.in_units) * count(t.out_units) if t.kind == "bilinear" else count(t.units)
+            total += beta[t.name] * x
+    return total
+
+
+def _calibrate(full_ms: float, half_ms: float, v_full: float, v_half: float) -> tuple[float, float]:
+    """(scale, fixed) with fixed + scale * v = the measured time at both widths. When the two timings
+    do not give a positive scale and a non-negative fixed part (noise on a tiny model), the slopes keep
+    their sum and only the fixed part is fitted, or they are scaled to explain the whole model."""
+    if v_full > v_half and full_ms > half_ms:
+        scale = (full_ms - half_ms) / (v_full - v_half)
+        fixed = full_ms - scale * v_full
+        if fixed >= 0:
+            return scale, fixed
+    if v_full <= 0:
+        return 1.0, full_ms
+    scale = min(1.0, full_ms / v_full)
+    return scale, full_ms - scale * v_full
 
 
 def _input_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
@@ -201,17 +330,22 @@ def _widths(units: tuple[int, ...], granularity: int) -> list[int]:
 
 
 def _time_term(
-    term: MacTerm, module: nn.Module, in_shape: tuple[int, ...], threads: int, granularity: int, tmp: Path
-) -> tuple[TermLatency, float]:
-    """Fit (alpha, beta) for one layer; also return its slope variable (c_in * c_out, or c) at full width."""
+    term: MacTerm,
+    module: nn.Module,
+    in_shape: tuple[int, ...],
+    threads: int,
+    granularity: int,
+    tmp: Path,
+    block: int = 1,
+) -> TermLatency:
+    """Fit (alpha, beta) for one layer on its channel counts rounded up to `block`."""
     points: list[tuple[int, int, float]] = []
     if term.kind == "bilinear":
         for c_in in _widths(term.in_units, granularity):
             for c_out in _widths(term.out_units, granularity):
                 ms = _time_layer(module, in_shape, c_in, c_out, threads, tmp)
                 points.append((c_in, c_out, ms))
-        xs = [float(a * b) for a, b, _ in points]
-        full = float(len(term.in_units) * len(term.out_units))
+        xs = [rounded(a, block) * rounded(b, block) for a, b, _ in points]
     else:  # a grouped conv: its cost follows the number of conv groups kept
         assert isinstance(module, nn.Conv2d)
         per_group_in, per_group_out = (
@@ -221,11 +355,9 @@ def _time_term(
         for g in _widths(term.units, max(1, granularity // max(1, per_group_out))):
             ms = _time_layer(module, in_shape, g * per_group_in, g * per_group_out, threads, tmp, groups=g)
             points.append((0, g, ms))
-        xs = [float(g) for _, g, _ in points]
-        full = float(len(term.units))
-    ys = [ms for _, _, ms in points]
-    alpha, beta = _fit(xs, ys)
-    return TermLatency(term.name, term.kind, alpha, beta, tuple(points)), full
+        xs = [rounded(g, block) for _, g, _ in points]
+    alpha, beta = _fit(xs, [ms for _, _, ms in points])
+    return TermLatency(term.name, term.kind, alpha, beta, tuple(points))
 
 
 def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -283,7 +415,7 @@ def _time_layer(
     )
     path = tmp / "layer.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    session = cpu_session(path, threads)
+    session = cpu_session(path, threads, spinning=False)
     feed = {"x": rng.standard_normal(shape, dtype=np.float32)}
     for _ in range(_WARMUP):
         session.run(None, feed)
@@ -295,10 +427,67 @@ def _time_layer(
     return statistics.median(times)
 
 
-def _whole_model_ms(model: nn.Module, input_shape: tuple[int, int, int], threads: int, tmp: Path) -> float:
-    from prunekit.export import export_onnx
-    from prunekit.measure import onnx_latency_ms
+def _whole_models_ms(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    threads: int,
+    tmp: Path,
+    *,
+    graph: ChannelGraph,
+    plans: dict[str, Any],
+) -> dict[str, float]:
+    """onnxruntime latency (batch 1, spinning off) of `model` ("full") and of its copies slimmed by each
+    of `plans`, timed interleaved so that the machine's drift reaches all of them alike."""
+    import copy
 
-    path = tmp / "model.onnx"
-    export_onnx(model, path, input_shape=input_shape)
-    return onnx_latency_ms(path, (1, *input_shape), threads=threads, warmup=5, repeats=30).median_ms
+    from prunekit.export import export_onnx
+    from prunekit.measure import onnx_latency_interleaved
+    from prunekit.surgery import slim_
+
+    paths = {"full": tmp / "full.onnx"}
+    export_onnx(model, paths["full"], input_shape=input_shape)
+    for name, plan in plans.items():
+        paths[name] = tmp / f"plan-{name}.onnx"
+        export_onnx(slim_(copy.deepcopy(model), graph, plan).eval(), paths[name], input_shape=input_shape)
+    timed = onnx_latency_interleaved(paths, (1, *input_shape), threads, warmup=5, repeats=40)
+    return {name: t.median_ms for name, t in timed.items()}
+
+
+class MeasuredLatency:
+    """Times decided widths for real: the model slimmed to a unit mask, exported and timed interleaved
+    with the full model in onnxruntime (batch 1, spinning off). Used at the decision point of a latency
+    budget, where the table's prediction for the gates' uneven widths can be off by a fifth. The full
+    model is exported once."""
+
+    def __init__(
+        self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, int, int], threads: int
+    ):
+        self.model, self.graph, self.input_shape, self.threads = model, graph, input_shape, threads
+        self._full: Path | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    def fraction(self, keep: list[bool]) -> float:
+        """Latency of the model slimmed to `keep` (per unit) over the full model's."""
+        import copy
+
+        from prunekit.export import export_onnx
+        from prunekit.measure import onnx_latency_interleaved
+        from prunekit.plan import plan_from_units
+        from prunekit.surgery import slim_
+
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="prunekit-decide-")
+        tmp = Path(self._dir.name)
+        if self._full is None:
+            self._full = tmp / "full.onnx"
+            export_onnx(self.model, self._full, input_shape=self.input_shape)
+        slimmed = slim_(copy.deepcopy(self.model), self.graph, plan_from_units(self.graph, keep)).eval()
+        export_onnx(slimmed, tmp / "decided.onnx", input_shape=self.input_shape)
+        paths = {"full": self._full, "decided": tmp / "decided.onnx"}
+        timed = onnx_latency_interleaved(paths, (1, *self.input_shape), self.threads, warmup=5, repeats=40)
+        return timed["decided"].median_ms / timed["full"].median_ms
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir, self._full = None, None

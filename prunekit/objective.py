@@ -88,8 +88,9 @@ class LatencyModel(MacModel):
     pair, so the activation loss and the budget rule work on latency unchanged. `gateable_macs` is then
     the gateable milliseconds at full width."""
 
-    def __init__(self, graph: ChannelGraph, beta: dict[str, float]) -> None:
+    def __init__(self, graph: ChannelGraph, beta: dict[str, float], block: int = 1) -> None:
         super().__init__(graph)
+        self.block = block
         gateable = [t for t in graph.mac_terms if t.prunable]
         missing = [t.name for t in gateable if t.name not in beta]
         if missing:
@@ -100,6 +101,24 @@ class LatencyModel(MacModel):
         self.lin_factor = torch.tensor([beta[t.name] for t in linear], dtype=torch.float32)
         full = torch.ones(1, graph.num_units)
         self.gateable_macs = float(self(full)[0])
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """Smooth in the activity for training; on hard decisions (0/1, no gradient) the channel counts
+        are rounded up to the runtime's block, as the decided widths will cost."""
+        hard = self.block > 1 and not a.requires_grad and bool(((a == 0) | (a == 1)).all())
+        if not hard:
+            return super().forward(a)
+        a = a.float()
+        b = float(self.block)
+        macs = torch.zeros(a.shape[0], device=a.device)
+        if self.n_dense:
+            n_in = torch.ceil(self._active(a, "in", self.n_dense) / b - 1e-6) * b
+            n_out = torch.ceil(self._active(a, "out", self.n_dense) / b - 1e-6) * b
+            macs = macs + (n_in * n_out * self.dense_factor).sum(1)
+        if self.n_linear:
+            n = torch.ceil(self._active(a, "lin", self.n_linear) / b - 1e-6) * b
+            macs = macs + (n * self.lin_factor).sum(1)
+        return macs
 
 
 BUDGET_EPS = 1e-9

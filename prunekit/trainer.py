@@ -87,6 +87,10 @@ class Trainer:
         LatencyModel). With a latency budget, `mac_counter` and `total_macs` still count MACs for the
         reports."""
         self.mac_counter, self.total_macs = mac_counter, total_macs
+        # a latency budget may time the decided widths for real (prunekit.latency_table.MeasuredLatency):
+        # given a unit mask, the measured latency fraction; `decision_record` receives what it measured
+        self.measure: Callable[[list[bool]], float] | None = None
+        self.decision_record: dict[str, Any] | None = None
         self.model, self.bank, self.mac_model, self.budget, self.config = (
             model,
             bank,
@@ -203,6 +207,8 @@ class Trainer:
                 lo = mid
             else:
                 hi = mid - 1
+        if self.measure is not None:
+            lo = self._measured_prefix(decisions, lo, len(order))
         final = decisions(lo)
         hashes = set(self.runtime.gather(decisions_hash(final)))
         if len(hashes) > 1:  # the logits are kept in sync by the gradient all-reduce; never decide apart
@@ -212,6 +218,43 @@ class Trainer:
         if self.runtime.distributed:  # DDP tracks the parameters that required gradients when it wrapped
             self.train_model = None  # type: ignore[assignment]  # release the old wrapper's reducer first
             self.train_model = self.runtime.wrap(self.model)
+
+    def _measured_prefix(self, decisions: Callable[[int], torch.Tensor], predicted: int, n: int) -> int:
+        """The largest number of learnable gates whose decided widths, timed for real, fit the target
+        fraction: a bisection that starts at the table's choice `predicted` (at most MEASURED_PROBES
+        timings). The first process measures; every process takes its answer."""
+        target = self.budget.target_fraction
+        chosen, log = None, []
+        if self.runtime.is_primary:
+            assert self.measure is not None
+
+            def fits(k: int) -> bool:
+                keep = self.bank.unit_activity(decisions(k))[0].bool().tolist()
+                fraction = self.measure(keep)  # type: ignore[misc]
+                log.append({"gates": k, "fraction": fraction})
+                return fraction <= target
+
+            lo, hi = (predicted, n) if fits(predicted) else (0, predicted - 1)
+            while lo < hi and len(log) < MEASURED_PROBES:
+                mid = (lo + hi + 1) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            chosen = lo
+            close = getattr(self.measure, "__self__", None)  # MeasuredLatency.fraction: its files go
+            if hasattr(close, "close"):
+                close.close()  # type: ignore[union-attr]
+        chosen, log = self.runtime.gather((chosen, log))[0]
+        if self.decision_record is not None:
+            fitting = [m["fraction"] for m in log if m["gates"] == chosen]
+            self.decision_record["decision"] = {
+                "table_gates": predicted,
+                "gates": chosen,
+                "measured_fraction": fitting[-1] if fitting else None,
+                "measurements": log,
+            }
+        return int(chosen)
 
     # -- loops ----------------------------------------------------------------------------------
     def train_one_epoch(
@@ -355,6 +398,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device, b
         finally:
             for m, mom in saved.items():
                 m.momentum = mom
+
+
+MEASURED_PROBES = 8  # timings at the decision point of a latency budget (a bisection over ~250 gates)
 
 
 def make_budget(bank: GateBank, mac_model: MacModel, total_macs: float, target: float) -> MacBudget:

@@ -222,6 +222,17 @@ def prepare_finetune(
         mac_counter=None if latency is None else mac_model,
         total_macs=total_macs,
     )
+    if latency is not None:  # the decision point times the decided widths for real
+        from prunekit.config import DEFAULT_THREADS
+        from prunekit.latency_table import MeasuredLatency
+
+        measured = MeasuredLatency(
+            copy.deepcopy(plain).cpu().eval(),
+            gated.graph,
+            gated.spec.input_shape,
+            DEFAULT_THREADS,  # type: ignore[arg-type]
+        )
+        trainer.measure, trainer.decision_record = measured.fraction, latency
     return FinetuneSession(gated, trainer, plain, budget, steps, latency)
 
 
@@ -255,7 +266,7 @@ def _latency_budget(
         table_dict, source = table.to_dict(), (str(found) if found else "measured")
     table_dict, source = runtime.gather((table_dict, source))[0]
     table = LatencyTable.from_dict(table_dict)
-    model = LatencyModel(gated.graph, table.beta())
+    model = LatencyModel(gated.graph, table.beta(), block=table.block)
     fraction = value if unit == "fraction" else value / table.full_ms
     fixed_only = bank.unit_activity(bank.fixed_on)
     min_ms = table.fixed_ms + float(model(fixed_only)[0])
