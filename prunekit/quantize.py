@@ -171,20 +171,26 @@ def _fp16(source: Path, target: Path) -> dict[str, Any]:
     return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "io": "float32"}
 
 
-def onnx_predictions(path: Path, batches: Iterable[tuple[Any, Any]], threads: int) -> tuple[np.ndarray, ...]:
-    """(top-1 class per example, label per example) of the ONNX model at `path` over `batches`."""
-    session = cpu_session(path, threads)
-    name = session.get_inputs()[0].name
-    preds, labels = [], []
+def onnx_predictions(
+    paths: dict[str, Path], batches: Iterable[tuple[Any, Any]], threads: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(top-1 class per example of each ONNX model in `paths`, label per example) over `batches`, in one
+    pass: each batch runs through every model, so the data is read once and never held whole."""
+    sessions = {name: cpu_session(path, threads) for name, path in paths.items()}
+    inputs = {name: s.get_inputs()[0].name for name, s in sessions.items()}
+    preds: dict[str, list[np.ndarray]] = {name: [] for name in paths}
+    labels = []
     for x, y in batches:
-        logits = session.run(None, {name: np.ascontiguousarray(np.asarray(x, dtype=np.float32))})[0]
-        if not np.isfinite(logits).all():
-            raise ExportError(f"{Path(path).name} gives non-finite outputs on the data")
-        preds.append(np.asarray(logits).argmax(1))
+        feed = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        for name, session in sessions.items():
+            logits = session.run(None, {inputs[name]: feed})[0]
+            if not np.isfinite(logits).all():
+                raise ExportError(f"{Path(paths[name]).name} gives non-finite outputs on the data")
+            preds[name].append(np.asarray(logits).argmax(1))
         labels.append(np.asarray(y))
-    if not preds:
+    if not labels:
         raise DataError("the data has no validation images to check the quantised model on")
-    return np.concatenate(preds), np.concatenate(labels)
+    return {name: np.concatenate(p) for name, p in preds.items()}, np.concatenate(labels)
 
 
 def check_accuracy(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

@@ -237,6 +237,7 @@ def test_finetune_toward_a_latency_budget(
     result = _finetune(gated, out, "--target-latency", "0.9", "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
+    assert '"event": "latency_table"' in result.stderr  # a progress line before the layers are timed
     budget = doc["target_latency"]
     assert (
         budget["target"] == "0.9"
@@ -247,6 +248,7 @@ def test_finetune_toward_a_latency_budget(
     assert doc["target_macs"] is None
     final = doc["final"]
     assert final["decided"] and final["within_budget"] and final["latency_fraction"] <= 0.9 + 1e-9
+    assert (tmp_path / "tuned.best.pt").is_file()
     assert 0 < final["macs_fraction"] < 1 and final["macs_fraction"] != final["latency_fraction"]
     # the decided widths were timed for real: the largest set of gates whose time fits 0.9 of 5 ms
     decision = budget["decision"]
@@ -263,6 +265,7 @@ def test_finetune_toward_a_latency_budget(
     again = _finetune(gated, out, "--target-latency", "4.6ms", "--json")
     assert again.exit_code == 0, again.stderr
     doc = json.loads(again.stdout)
+    assert '"event": "latency_table"' not in again.stderr  # nothing is timed again
     assert doc["target_latency"]["table_source"] == str(tmp_path / "tuned.latency.json")
     assert doc["target_latency"]["target_ms"] == pytest.approx(4.6)
 
@@ -303,3 +306,24 @@ def test_measured_latency_times_real_exports(small: tuple) -> None:
     assert 0.2 < first < 5 and 0 < second < 5
     timer.close()
     assert not full.exists()
+
+
+def test_within_budget_follows_the_measured_decision() -> None:
+    """Where the table and the real timing of the decided widths disagree, the timing decides whether
+    an epoch is within the budget (and so whether it can become the best checkpoint)."""
+    from types import SimpleNamespace
+
+    from prunekit.stages.finetune import _within_budget
+
+    over_by_table = SimpleNamespace(target_fraction=0.5, fits=lambda kept: False)
+    measured = {"decision": {"measured_fraction": 0.49}}
+    decided, undecided = (
+        SimpleNamespace(decided=True, gateable_kept=0.6),
+        SimpleNamespace(decided=False, gateable_kept=0.6),
+    )
+    assert _within_budget(SimpleNamespace(latency=measured, budget=over_by_table), decided) is True
+    assert _within_budget(SimpleNamespace(latency=measured, budget=over_by_table), undecided) is False
+    too_slow = {"decision": {"measured_fraction": 0.51}}
+    within_by_table = SimpleNamespace(target_fraction=0.5, fits=lambda kept: True)
+    assert _within_budget(SimpleNamespace(latency=too_slow, budget=within_by_table), decided) is False
+    assert _within_budget(SimpleNamespace(latency=None, budget=within_by_table), decided) is True

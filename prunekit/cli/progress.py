@@ -78,6 +78,13 @@ class Progress:
         self.phase = "loading the model and the data"
         self._start_watchdog()
 
+    def latency_table(self, path: str | None) -> None:
+        self.phase = "timing the layers for the latency budget"
+        if self.json_lines:
+            self.line(json.dumps({"event": "latency_table", "path": path}))
+        else:  # the table is saved (to `path`) only once the budget is known to be reachable
+            self.line("finetune: timing every gateable layer in onnxruntime for the latency budget ...")
+
     def baseline(self, images: int) -> None:
         self.phase = "evaluating the baseline"
         if self.json_lines:
@@ -157,7 +164,8 @@ class Progress:
                 f"epoch {m.epoch}: loss {m.loss:.4f} (ce {m.ce:.4f}, act {m.act_loss:.4f}) "
                 f"train {pct(m.train_acc)} "
                 f"val {pct_top5(m.val_acc, m.val_top5)} MACs {m.macs_fraction:.3f}"
-                f"{' decided' if m.decided else ''} "
+                + ("" if m.latency_fraction is None else f" latency {m.latency_fraction:.3f} (table)")
+                + f"{' decided' if m.decided else ''} "
                 f"[{m.seconds:.0f}s, {m.images_per_s:.0f} img/s]"
             )
 
@@ -190,7 +198,11 @@ class Progress:
         from prunekit.stages.finetune import FinetuneCallbacks
 
         return FinetuneCallbacks(
-            on_start=self.start, on_step=self.step, on_epoch=self.epoch, on_baseline=self.baseline
+            on_start=self.start,
+            on_step=self.step,
+            on_epoch=self.epoch,
+            on_baseline=self.baseline,
+            on_latency_table=self.latency_table,
         )
 
 

@@ -384,7 +384,7 @@ def render_shipping(result: dict[str, Any], out: Console) -> None:
             human(result["slim"]["macs"]),
             mib(q["size_bytes"]),
             ms(mode),
-            f"{pct(a['top1'])} ({-a['drop_points']:+.2f})",
+            f"{pct(a['top1'])} ({round(-a['drop_points'], 2) + 0.0:+.2f})",  # + 0.0: no "-0.00"
             pct(a["agreement"]),
         )
     out.print(table)

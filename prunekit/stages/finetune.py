@@ -69,6 +69,7 @@ class FinetuneCallbacks:
     on_step: Callable[[dict[str, float]], None] | None = None
     on_epoch: Callable[[EpochMetrics], None] | None = None
     on_baseline: Callable[[int], None] | None = None  # before the baseline evaluation: its image count
+    on_latency_table: Callable[[str | None], None] | None = None  # before timing the layers: its file
 
     def also(self, other: FinetuneCallbacks) -> FinetuneCallbacks:
         """These callbacks, then `other`'s, for every event."""
@@ -83,6 +84,7 @@ class FinetuneCallbacks:
             both(self.on_step, other.on_step),
             both(self.on_epoch, other.on_epoch),
             both(self.on_baseline, other.on_baseline),
+            both(self.on_latency_table, other.on_latency_table),
         )
 
 
@@ -184,6 +186,7 @@ def prepare_finetune(
     runtime: Runtime | None = None,
     start: Checkpoint | None = None,
     latency_cache: Path | None = None,
+    on_latency_table: Callable[[str | None], None] | None = None,
 ) -> FinetuneSession:
     """Build one run's trainer, teacher and budget. `start`: the gated checkpoint the run began from,
     when `gated` is a half-trained one being resumed (the teacher is the starting model, not the
@@ -203,7 +206,9 @@ def prepare_finetune(
     if config.target_latency is None:
         objective, budget = mac_model, make_budget(bank, mac_model, total_macs, config.target_macs)  # type: ignore[arg-type]
     else:
-        objective, budget, latency = _latency_budget(gated, bank, plain, config, runtime, latency_cache)
+        objective, budget, latency = _latency_budget(
+            gated, bank, plain, config, runtime, latency_cache, on_latency_table
+        )
     steps = (
         steps_per_epoch
         if config.max_steps_per_epoch is None
@@ -243,6 +248,7 @@ def _latency_budget(
     config: FinetuneConfig,
     runtime: Runtime,
     cache: Path | None,
+    on_measure: Callable[[str | None], None] | None = None,
 ) -> tuple[LatencyModel, MacBudget, dict[str, Any]]:
     """The latency objective: the per-layer table (read from `cache` when it was measured for this
     model and machine, else measured on the first process and shared), its LatencyModel and the budget
@@ -255,6 +261,8 @@ def _latency_budget(
     table_dict = None
     source = None
     if runtime.is_primary:
+        if on_measure is not None and not (cache is not None and cache.is_file()):
+            on_measure(None if cache is None else str(cache))
         table, found = latency_table(
             copy.deepcopy(plain).cpu().eval(),
             gated.graph,
@@ -306,6 +314,15 @@ def _convert_sync_batchnorm(gated: Checkpoint, bank: GateBank, runtime: Runtime)
     insert_gates_(gated.model, gated.graph, bank)
 
 
+def _within_budget(session: FinetuneSession, m: EpochMetrics) -> bool:
+    """The decisions fit the budget: by the table, or, once a latency budget's decided widths were timed
+    for real, by that measurement (the table may disagree with it on uneven widths)."""
+    decision = (session.latency or {}).get("decision")
+    if m.decided and decision and decision.get("measured_fraction") is not None:
+        return decision["measured_fraction"] <= session.budget.target_fraction
+    return session.budget.fits(m.gateable_kept)
+
+
 AfterEpoch = Callable[[FinetuneSession, "FinetuneResult", bool], None]
 
 
@@ -332,7 +349,7 @@ def _train(
     )
 
     def epoch_end(tr: Trainer, m: EpochMetrics) -> None:
-        row = m.to_dict() | {"within_budget": session.budget.fits(m.gateable_kept)}
+        row = m.to_dict() | {"within_budget": _within_budget(session, m)}
         history.append(row)
         if after_epoch is not None:
             after_epoch(session, result, False)
@@ -603,7 +620,13 @@ def finetune_to_files(
     runtime = runtime or resolve_runtime(config.device)
     runtime.seed(config.seed)
     session = prepare_finetune(
-        ckpt, config, len(loaders.train), runtime=runtime, start=start, latency_cache=table_path(out)
+        ckpt,
+        config,
+        len(loaders.train),
+        runtime=runtime,
+        start=start,
+        latency_cache=table_path(out),
+        on_latency_table=(callbacks or FinetuneCallbacks()).on_latency_table,
     )
     callbacks = callbacks or FinetuneCallbacks()
     metrics = metrics_path(out) if metrics is None else metrics

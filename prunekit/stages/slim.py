@@ -393,17 +393,18 @@ def _quantized(
 
     if val_loader is None:
         raise ConfigError("quantisation needs data: the accuracy check runs on its validation split")
-    batches = [(x.numpy(), y.numpy()) for x, y in val_loader]
-    reference, labels = onnx_predictions(staged["onnx"], batches, config.threads)
-    done = {}
+    made = {}
     for mode, path in outputs.quantized.items():
         staged[mode] = stack.enter_context(_onnx_staging(path))
-        q = quantize(mode, staged["onnx"], staged[mode], calibration=calibration)
-        q.path = path
-        predictions, _ = onnx_predictions(staged[mode], batches, config.threads)
-        q.accuracy = check_accuracy(reference, predictions, labels)
-        done[mode] = q.to_dict()
-    return done
+        made[mode] = quantize(mode, staged["onnx"], staged[mode], calibration=calibration)
+        made[mode].path = path
+    files = {"fp32": staged["onnx"]} | {mode: staged[mode] for mode in made}
+    predictions, labels = onnx_predictions(
+        files, ((x.numpy(), y.numpy()) for x, y in val_loader), config.threads
+    )
+    for mode, q in made.items():
+        q.accuracy = check_accuracy(predictions["fp32"], predictions[mode], labels)
+    return {mode: q.to_dict() for mode, q in made.items()}
 
 
 def _onnx_staging(path: Path) -> contextlib.AbstractContextManager[Path]:
