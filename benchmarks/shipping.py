@@ -227,6 +227,12 @@ def main() -> None:
     out |= {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d")}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"shipping_{args.part}.json"
+    if path.is_file():  # one part at a time (CIFAR, built-in): earlier results of other cases stay
+        before = json.loads(path.read_text())
+        out["results"] = before.get("results", {}) | out["results"]
+        out["commands"] = [c for c in before.get("commands", []) if c not in out["commands"]] + out[
+            "commands"
+        ]
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["results"], indent=1))
     print(f"wrote {path}")

@@ -81,6 +81,7 @@ class CheckpointInfoDoc(BaseModel):
     recipe: Row | None
     baseline_val_acc: float | None
     baseline_val_top5: float | None = None
+    target_latency: Row | None = None  # fine-tuned with --target-latency
 
 
 class ReportDoc(_Doc):

@@ -268,6 +268,11 @@ def test_finetune_toward_a_latency_budget(
     assert '"event": "latency_table"' not in again.stderr  # nothing is timed again
     assert doc["target_latency"]["table_source"] == str(tmp_path / "tuned.latency.json")
     assert doc["target_latency"]["target_ms"] == pytest.approx(4.6)
+    report = CliRunner().invoke(app, ["report", str(out), "--json"])
+    assert report.exit_code == 0, report.stderr
+    info = json.loads(report.stdout)["checkpoint"]
+    assert info["target_macs"] is None and info["target_latency"]["target"] == "4.6ms"
+    assert info["target_latency"]["decision"]["measured_fraction"] <= 4.6 / 5.0
 
 
 def test_unreachable_latency_budget_is_one_line_and_writes_nothing(

@@ -133,12 +133,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
+    def ignore(signum: int, frame: Any) -> None:
+        pass
+
     def handler(signum: int, frame: Any) -> None:
-        # the clean-up that follows must not be interrupted again, nor turned into a crash by torch's
-        # SIGCHLD handler seeing DataLoader workers that the same (process-group) SIGTERM ended
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The clean-up that follows must not be interrupted again, nor turned into a crash by torch's
+        # SIGCHLD handler seeing DataLoader workers that the same (process-group) SIGTERM ended. A
+        # Python-level no-op, not SIG_IGN/SIG_DFL: a signal already pending when the handler changes
+        # would otherwise make CPython raise "Signal 17 ignored due to race condition" (seen in CI).
+        signal.signal(signal.SIGTERM, ignore)
         with contextlib.suppress(ValueError, OSError):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, ignore)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)

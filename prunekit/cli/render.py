@@ -178,6 +178,16 @@ def _checkpoint_rows(summary: _Rows, info: Any) -> None:  # CheckpointInfo
         summary.add_row("Params at decisions", f"{human(info.decided_params)}  ({info.decided_params:,})")
     if info.target_macs is not None:
         summary.add_row("Target MACs", f"{info.target_macs:g} of the original's MACs")
+    lat = info.target_latency
+    if lat:
+        decision = lat.get("decision") or {}
+        measured = decision.get("measured_fraction")
+        summary.add_row(
+            "Target latency",
+            f"{lat['target']} = {lat['target_ms']:.2f} ms of the original's {lat['original_ms']:.2f} ms "
+            f"(onnxruntime CPU, batch 1, {lat['threads']} threads)"
+            + ("" if measured is None else f"; decided widths measured at {measured:.3f}"),
+        )
     if info.baseline_val_acc is not None:
         summary.add_row("Baseline val acc", pct_top5(info.baseline_val_acc, info.baseline_val_top5))
     if info.history:

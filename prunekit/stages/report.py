@@ -59,6 +59,7 @@ class CheckpointInfo:
     recipe: dict[str, Any] | None  # the fine-tune config
     baseline_val_acc: float | None  # top-1 of the model before gating, as fine-tuning measured it
     baseline_val_top5: float | None = None  # None also for checkpoints from before top-5 was measured
+    target_latency: dict[str, Any] | None = None  # a latency budget: target, target_ms, decision, ...
 
 
 def report_target(
@@ -130,6 +131,7 @@ def _checkpoint_info(ckpt: Any) -> CheckpointInfo:
         recipe=recipe,
         baseline_val_acc=(extra.get("baseline") or {}).get("val_acc"),
         baseline_val_top5=(extra.get("baseline") or {}).get("val_top5"),
+        target_latency=extra.get("latency_budget"),
     )
 
 
