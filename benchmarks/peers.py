@@ -63,11 +63,7 @@ def fixture(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, Any]:
     model, spec = load_model(spec)
     loaders = resolve_data(
         args.data,
-        input_shape=spec.input_shape,
-        mean=spec.mean,
-        std=spec.std,
-        resize_size=spec.resize_size,
-        interpolation=spec.interpolation,
+        **spec.preprocessing(),
         batch_size=args.batch_size,
         workers=args.workers,
         seed=0,

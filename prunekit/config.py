@@ -195,6 +195,17 @@ class ModelSpec:
             resize = round(new_h * resize / h) if h == w and new_h == new_w else None
         return replace(self, input_shape=shape, resize_size=resize)
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What `prunekit.data.resolve_data` needs to feed this model: input shape, normalisation and the
+        evaluation resize (`resolve_data(data, **spec.preprocessing(), ...)`)."""
+        return {
+            "input_shape": self.input_shape,
+            "mean": self.mean,
+            "std": self.std,
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,

@@ -438,17 +438,30 @@ def _whole_models_ms(
 ) -> dict[str, float]:
     """onnxruntime latency (batch 1, spinning off) of `model` ("full") and of its copies slimmed by each
     of `plans`, timed interleaved so that the machine's drift reaches all of them alike."""
+    paths = {"full": _export(model, None, None, tmp / "full.onnx", input_shape)}
+    for name, plan in plans.items():
+        paths[name] = _export(model, graph, plan, tmp / f"plan-{name}.onnx", input_shape)
+    return _time_files(paths, input_shape, threads)
+
+
+def _export(
+    model: nn.Module, graph: ChannelGraph | None, plan: Any, path: Path, input_shape: tuple[int, int, int]
+) -> Path:
+    """Export `model` (a copy slimmed by `plan`, when given) to `path`."""
     import copy
 
     from prunekit.export import export_onnx
-    from prunekit.measure import onnx_latency_interleaved
     from prunekit.surgery import slim_
 
-    paths = {"full": tmp / "full.onnx"}
-    export_onnx(model, paths["full"], input_shape=input_shape)
-    for name, plan in plans.items():
-        paths[name] = tmp / f"plan-{name}.onnx"
-        export_onnx(slim_(copy.deepcopy(model), graph, plan).eval(), paths[name], input_shape=input_shape)
+    if plan is not None:
+        model = slim_(copy.deepcopy(model), graph, plan).eval()
+    export_onnx(model, path, input_shape=input_shape)
+    return path
+
+
+def _time_files(paths: dict[str, Path], input_shape: tuple[int, int, int], threads: int) -> dict[str, float]:
+    from prunekit.measure import onnx_latency_interleaved
+
     timed = onnx_latency_interleaved(paths, (1, *input_shape), threads, warmup=5, repeats=40)
     return {name: t.median_ms for name, t in timed.items()}
 
@@ -457,7 +470,7 @@ class MeasuredLatency:
     """Times decided widths for real: the model slimmed to a unit mask, exported and timed interleaved
     with the full model in onnxruntime (batch 1, spinning off). Used at the decision point of a latency
     budget, where the table's prediction for the gates' uneven widths can be off by a fifth. The full
-    model is exported once."""
+    model is exported once; `close()` removes the files. Called with a unit mask, it gives `fraction`."""
 
     def __init__(
         self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, int, int], threads: int
@@ -466,26 +479,22 @@ class MeasuredLatency:
         self._full: Path | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
 
+    def __call__(self, keep: list[bool]) -> float:
+        return self.fraction(keep)
+
     def fraction(self, keep: list[bool]) -> float:
         """Latency of the model slimmed to `keep` (per unit) over the full model's."""
-        import copy
-
-        from prunekit.export import export_onnx
-        from prunekit.measure import onnx_latency_interleaved
         from prunekit.plan import plan_from_units
-        from prunekit.surgery import slim_
 
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="prunekit-decide-")
         tmp = Path(self._dir.name)
         if self._full is None:
-            self._full = tmp / "full.onnx"
-            export_onnx(self.model, self._full, input_shape=self.input_shape)
-        slimmed = slim_(copy.deepcopy(self.model), self.graph, plan_from_units(self.graph, keep)).eval()
-        export_onnx(slimmed, tmp / "decided.onnx", input_shape=self.input_shape)
-        paths = {"full": self._full, "decided": tmp / "decided.onnx"}
-        timed = onnx_latency_interleaved(paths, (1, *self.input_shape), self.threads, warmup=5, repeats=40)
-        return timed["decided"].median_ms / timed["full"].median_ms
+            self._full = _export(self.model, None, None, tmp / "full.onnx", self.input_shape)
+        plan = plan_from_units(self.graph, keep)
+        decided = _export(self.model, self.graph, plan, tmp / "decided.onnx", self.input_shape)
+        timed = _time_files({"full": self._full, "decided": decided}, self.input_shape, self.threads)
+        return timed["decided"] / timed["full"]
 
     def close(self) -> None:
         if self._dir is not None:

@@ -88,7 +88,8 @@ class Trainer:
         reports."""
         self.mac_counter, self.total_macs = mac_counter, total_macs
         # a latency budget may time the decided widths for real (prunekit.latency_table.MeasuredLatency):
-        # given a unit mask, the measured latency fraction; `decision_record` receives what it measured
+        # given a unit mask, the measured latency fraction (its `close()`, if any, is called once the
+        # decision is made); `decision_record` receives what it measured
         self.measure: Callable[[list[bool]], float] | None = None
         self.decision_record: dict[str, Any] | None = None
         self.model, self.bank, self.mac_model, self.budget, self.config = (
@@ -234,17 +235,19 @@ class Trainer:
                 log.append({"gates": k, "fraction": fraction})
                 return fraction <= target
 
-            lo, hi = (predicted, n) if fits(predicted) else (0, predicted - 1)
-            while lo < hi and len(log) < MEASURED_PROBES:
-                mid = (lo + hi + 1) // 2
-                if fits(mid):
-                    lo = mid
-                else:
-                    hi = mid - 1
+            try:
+                lo, hi = (predicted, n) if fits(predicted) else (0, predicted - 1)
+                while lo < hi and len(log) < MEASURED_PROBES:
+                    mid = (lo + hi + 1) // 2
+                    if fits(mid):
+                        lo = mid
+                    else:
+                        hi = mid - 1
+            finally:
+                close = getattr(self.measure, "close", None)
+                if close is not None:
+                    close()
             chosen = lo
-            close = getattr(self.measure, "__self__", None)  # MeasuredLatency.fraction: its files go
-            if hasattr(close, "close"):
-                close.close()  # type: ignore[union-attr]
         chosen, log = self.runtime.gather((chosen, log))[0]
         if self.decision_record is not None:
             fitting = [m["fraction"] for m in log if m["gates"] == chosen]

@@ -205,9 +205,10 @@ def prepare_finetune(
     latency: dict[str, Any] | None = None
     if config.target_latency is None:
         objective, budget = mac_model, make_budget(bank, mac_model, total_macs, config.target_macs)  # type: ignore[arg-type]
-    else:
+    else:  # onnxruntime times a CPU copy of the starting model: the table, then the decided widths
+        timing_model = copy.deepcopy(plain).cpu().eval()
         objective, budget, latency = _latency_budget(
-            gated, bank, plain, config, runtime, latency_cache, on_latency_table
+            gated, bank, timing_model, config, runtime, latency_cache, on_latency_table
         )
     steps = (
         steps_per_epoch
@@ -232,19 +233,19 @@ def prepare_finetune(
         from prunekit.latency_table import MeasuredLatency
 
         measured = MeasuredLatency(
-            copy.deepcopy(plain).cpu().eval(),
+            timing_model,
             gated.graph,
             gated.spec.input_shape,
             DEFAULT_THREADS,  # type: ignore[arg-type]
         )
-        trainer.measure, trainer.decision_record = measured.fraction, latency
+        trainer.measure, trainer.decision_record = measured, latency
     return FinetuneSession(gated, trainer, plain, budget, steps, latency)
 
 
 def _latency_budget(
     gated: Checkpoint,
     bank: GateBank,
-    plain: nn.Module,
+    timing_model: nn.Module,
     config: FinetuneConfig,
     runtime: Runtime,
     cache: Path | None,
@@ -264,7 +265,7 @@ def _latency_budget(
         if on_measure is not None and not (cache is not None and cache.is_file()):
             on_measure(None if cache is None else str(cache))
         table, found = latency_table(
-            copy.deepcopy(plain).cpu().eval(),
+            timing_model,
             gated.graph,
             gated.spec.input_shape,  # type: ignore[arg-type]
             threads=DEFAULT_THREADS,
@@ -581,11 +582,7 @@ def data_loaders(
 
     loaders = resolve_data(
         data,
-        input_shape=spec.input_shape,  # type: ignore[arg-type]
-        mean=spec.mean,
-        std=spec.std,
-        resize_size=spec.resize_size,
-        interpolation=spec.interpolation,
+        **spec.preprocessing(),
         batch_size=config.batch_size,
         workers=config.workers,
         seed=config.seed,

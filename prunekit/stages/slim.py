@@ -231,14 +231,13 @@ class SlimOutputs:
     def for_output(
         cls,
         out: Path,
-        export: str | SlimConfig,
+        config: SlimConfig,
         checkpoint: Path | None,
         plan: Path | None,
     ) -> SlimOutputs:
         """The first export format is written at `out`, a second one beside it with its own suffix
         (model.onnx and model.pt2); the checkpoint defaults to `out` with `.pt` when something is
         exported, else to `out`; quantised copies sit beside the ONNX file (model.int8.onnx)."""
-        config = export if isinstance(export, SlimConfig) else SlimConfig(export=export)
         formats = config.formats
         paths = {fmt: out if i == 0 else out.with_suffix(f".{fmt}") for i, fmt in enumerate(formats)}
         ckpt = checkpoint or (out.with_suffix(".pt") if formats else out)
@@ -389,13 +388,14 @@ def _quantized(
 ) -> dict[str, dict[str, Any]]:
     """Stage each quantised copy of the staged FP32 ONNX file and check it by accuracy on `val_loader`
     against the FP32 file (both run in onnxruntime)."""
+    from prunekit.export import staging
     from prunekit.quantize import check_accuracy, onnx_predictions, quantize
 
     if val_loader is None:
         raise ConfigError("quantisation needs data: the accuracy check runs on its validation split")
     made = {}
     for mode, path in outputs.quantized.items():
-        staged[mode] = stack.enter_context(_onnx_staging(path))
+        staged[mode] = stack.enter_context(staging(path))
         made[mode] = quantize(mode, staged["onnx"], staged[mode], calibration=calibration)
         made[mode].path = path
     files = {"fp32": staged["onnx"]} | {mode: staged[mode] for mode in made}
@@ -405,12 +405,6 @@ def _quantized(
     for mode, q in made.items():
         q.accuracy = check_accuracy(predictions["fp32"], predictions[mode], labels)
     return {mode: q.to_dict() for mode, q in made.items()}
-
-
-def _onnx_staging(path: Path) -> contextlib.AbstractContextManager[Path]:
-    from prunekit.export import staging
-
-    return staging(path)
 
 
 def quantization_failure(result: SlimResult | dict[str, Any], config: SlimConfig) -> str | None:
@@ -451,16 +445,7 @@ def data_loaders(data: str | None, spec: ModelSpec) -> Any:
         return None
     from prunekit.data import resolve_data
 
-    loaders = resolve_data(
-        data,
-        input_shape=spec.input_shape,
-        mean=spec.mean,
-        std=spec.std,
-        resize_size=spec.resize_size,
-        interpolation=spec.interpolation,
-        batch_size=64,
-        train_augment=False,
-    )
+    loaders = resolve_data(data, **spec.preprocessing(), batch_size=64, train_augment=False)
     if loaders.num_classes != spec.num_classes:  # an accuracy over other labels would mean nothing
         raise ConfigError(
             f"the data has {loaders.num_classes} classes but the model {spec.num_classes}: "
