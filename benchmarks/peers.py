@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -155,14 +156,32 @@ def plain_finetune(
             sched.step()
 
 
+def overrides(pairs: list[str], cls: type) -> dict[str, Any]:
+    """KEY=VALUE settings of prunekit's recipe (a variant to measure), typed as the config field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields:
+            raise SystemExit(f"unknown {cls.__name__} field {key!r}")
+        default = getattr(cls(), key) if cls is not FinetuneConfig else getattr(cls(target_macs=0.5), key)
+        out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+    return out
+
+
 def run_one(model, spec, loaders, method, target, epochs, seed, distill, args) -> dict[str, Any]:  # noqa: ANN001
     torch.manual_seed(seed)
     start = time.perf_counter()
     if method == "prunekit":
         gated = prunekit.gate(
-            copy.deepcopy(model), spec=spec, config=GateConfig(granularity=args.granularity)
+            copy.deepcopy(model),
+            spec=spec,
+            config=GateConfig(granularity=args.granularity, **overrides(args.gate, GateConfig)),
         )
         config = FinetuneConfig(
+            **overrides(args.finetune, FinetuneConfig),
             target_macs=target,
             epochs=epochs,
             batch_size=args.batch_size,
@@ -190,14 +209,22 @@ def run_one(model, spec, loaders, method, target, epochs, seed, distill, args) -
         "macs": count_macs(final, example).total_macs,
         "params": count_params(final),
         "seconds": time.perf_counter() - start,
+        "variant": " ".join(args.gate + args.finetune) if method == "prunekit" else "",
+        # the allocation: every conv's output channels, comparable across methods by module name
+        "widths": {n: m.out_channels for n, m in final.named_modules() if isinstance(m, nn.Conv2d)},
     }
+
+
+def label(run: dict[str, Any]) -> str:
+    """The method, with the recipe variant a prunekit run measured (its --gate/--finetune settings)."""
+    return run["method"] + (f" [{run['variant']}]" if run.get("variant") else "")
 
 
 def summarise(runs: list[dict[str, Any]], total_macs: int) -> list[dict[str, Any]]:
     """Mean and spread over seeds for every (method, target, epochs, distill)."""
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
-        cells.setdefault((r["method"], r["target"], r["epochs"], r["distill"]), []).append(r)
+        cells.setdefault((label(r), r["target"], r["epochs"], r["distill"]), []).append(r)
     rows = []
     for (method, target, epochs, distill), rs in sorted(cells.items()):
         accs = [r["top1"] for r in rs]
@@ -227,7 +254,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     settings = sorted({(r["epochs"], r["distill"]) for r in rows})
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, (epochs, distill) in zip(axes[0], settings, strict=True):
-        for method in METHODS:
+        for method in sorted({r["method"] for r in rows}):
             pts = sorted(
                 (r["macs_kept"], 100 * r["top1_mean"])
                 for r in rows
@@ -256,12 +283,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--granularity", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--gate", action="append", default=[], help="KEY=VALUE of prunekit's GateConfig")
+    ap.add_argument("--finetune", action="append", default=[], help="KEY=VALUE of its FinetuneConfig")
     ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     ap.add_argument("--eval-batches", type=int, default=None, help="cap validation batches (smoke runs)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/benchmarks-peers.png"))
     ap.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="combine the runs of these result files (a grid run in pieces) into --out, --plot, --doc",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.plot, args.doc)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -295,6 +333,27 @@ def main(argv: list[str] | None = None) -> int:
     plotted = plot(rows, args.plot)
     args.doc.write_text(render(doc, args.plot if plotted else None))
     print(f"wrote {args.out}, {args.doc}" + (f", {args.plot}" if plotted else ""))
+    return 0
+
+
+def merge(paths: list[Path], out: Path, plot_path: Path, doc_path: Path) -> int:
+    """One result file from several runs of this script on the same fixture; their commands are kept."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    if len({(d["baseline_top1"], d["total_macs"]) for d in docs}) != 1:
+        raise SystemExit("these result files are not of the same fixture (baseline or MACs differ)")
+    runs = [r for d in docs for r in d["runs"]]
+    doc = {
+        "command": " ; ".join(d["command"] for d in docs),
+        "baseline_top1": docs[0]["baseline_top1"],
+        "total_macs": docs[0]["total_macs"],
+        "torch": docs[0]["torch"],
+        "summary": summarise(runs, docs[0]["total_macs"]),
+        "runs": runs,
+    }
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    plotted = plot(doc["summary"], plot_path)
+    doc_path.write_text(render(doc, plot_path if plotted else None))
+    print(f"wrote {out}, {doc_path}" + (f", {plot_path}" if plotted else ""))
     return 0
 
 

@@ -8,7 +8,7 @@ TOML sections of a `prunekit run` config (every key optional but the model's sou
 
 [model]      arch, weights, num_classes, input_shape, mean, std, args (a table of factory arguments),
              resize_size, interpolation (evaluation preprocessing; torchvision weights set their own)
-[gates]      granularity, min_keep, init_on, init_off, init_spread    (GateConfig)
+[gates]      granularity, min_keep, init_on, init_off, init_spread, importance    (GateConfig)
 [finetune]   data, target_macs, epochs, batch_size, lr, ...           (FinetuneConfig)
 [slim]       export ("onnx" | "pt2" | "onnx,pt2" | "none"), opset, latency, threads, quantize
              ("int8" | "fp16" | "int8,fp16"), calibration_batches, max_quantization_drop (SlimConfig)
@@ -275,6 +275,21 @@ def _check_types(obj: Any) -> None:
             raise ConfigError(f"{f.name} is out of range: {value}")
 
 
+GATE_PHASES = ("joint", "frozen")  # FinetuneConfig.gate_phase
+METHODS = ("gumbel", "magnitude")  # FinetuneConfig.method
+ALLOCATIONS = ("learned", "uniform")  # FinetuneConfig.allocation
+GATE_OPTIMIZERS = ("adam", "shared-adam")  # FinetuneConfig.gate_optimizer
+IMPORTANCE_KINDS = ("l1", "bn")  # GateConfig.importance (prunekit.plan.IMPORTANCE)
+
+
+# FinetuneConfig fields whose default differs from how a run saved before they existed behaved
+_BEFORE_THEY_EXISTED: dict[str, Any] = {"uniform_floor": None}
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> tuple[bool, str]:
+    return value in choices, f"{name} must be one of {', '.join(choices)}, got {value!r}"
+
+
 _INT_LIMIT = 2**63  # what torch and numpy take as an integer argument
 SEED_LIMIT = 2**32  # numpy's and DataLoader workers' seeds are 32-bit: seeds are 0 .. 2**32 - 1
 
@@ -286,6 +301,9 @@ class GateConfig:
     init_on: float = 4.0  # initial on-logit of the most important gate (paper: [0.1, 4] for every gate)
     init_off: float = 0.1  # initial off-logit
     init_spread: float = 2.0  # the least important gate starts with its on-logit lowered by this much
+    # how channels are ranked within a group (which form a gate, which are always kept, the initial
+    # logits): "l1", group L1 magnitude of every weight they touch; "bn", BatchNorm scale
+    importance: str = "l1"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -293,6 +311,7 @@ class GateConfig:
             [
                 (self.granularity >= 1, f"granularity must be >= 1, got {self.granularity}"),
                 (0.0 <= self.min_keep < 1.0, f"min_keep must be in [0, 1), got {self.min_keep}"),
+                _choice("importance", self.importance, IMPORTANCE_KINDS),
             ]
         )
 
@@ -309,6 +328,9 @@ class FinetuneConfig:
     batch_size: int = 64
     lr: float = 0.01  # weights: SGD momentum 0.9, cosine decay per step
     gate_lr: float = 0.05  # gate logits: Adam
+    # "adam": per-element Adam; "shared-adam": one second-moment scale for all the gates, so their
+    # steps keep the objective's relative sizes (prunekit.gate_optim.SharedScaleAdam)
+    gate_optimizer: str = "adam"
     weight_decay: float = 1e-4
     gate_weight_decay: float = 0.0
     lam: float = 5.0  # weight of the activation loss
@@ -316,6 +338,19 @@ class FinetuneConfig:
     tau_end: float | None = None  # anneal geometrically to this by the decision point (None: constant)
     one_sided: bool = False  # penalise only B > t
     decide_at: float = 0.2  # fraction of training steps after which gate decisions are fixed
+    # how the channels to keep are chosen: "gumbel", the learned gates (the paper's method);
+    # "magnitude", the same fraction of every group by the gate ranking (`gate --importance`), decided
+    # before the first step, every step fine-tuning the slimmed model (a baseline inside the pipeline)
+    method: str = "gumbel"
+    # learned gates: every group keeps at least this share of the gates the uniform cut to the same
+    # budget keeps it (prunekit.allocation; None or 0: only the gate stage's min_keep; docs/recipe.md)
+    uniform_floor: float | None = 0.85
+    # learned gates: "learned", the margins decide how many gates every group keeps and which;
+    # "uniform", every group keeps the uniform cut's number of gates, the margins choose which
+    allocation: str = "learned"
+    # until the decision: "joint", weights and gates train together (the paper); "frozen", only the
+    # gates train, on the pretrained weights, and the weights start training from the decided model
+    gate_phase: str = "joint"
     distill: float = 0.7  # weight of distillation from the ungated model (temperature 2)
     bn_recalibrate: int = 0  # batches used to re-estimate BatchNorm statistics before evaluation
     workers: int = 2
@@ -346,6 +381,18 @@ class FinetuneConfig:
                 (self.lam >= 0, f"lambda must be >= 0, got {self.lam}"),
                 (self.tau > 0 and (self.tau_end is None or self.tau_end > 0), "tau must be positive"),
                 (0.0 < self.decide_at <= 1.0, f"decide_at must be in (0, 1], got {self.decide_at}"),
+                _choice("gate_optimizer", self.gate_optimizer, GATE_OPTIMIZERS),
+                _choice("method", self.method, METHODS),
+                _choice("allocation", self.allocation, ALLOCATIONS),
+                (
+                    self.uniform_floor is None or 0.0 <= self.uniform_floor <= 1.0,
+                    f"uniform_floor must be in [0, 1], got {self.uniform_floor}",
+                ),
+                (
+                    self.method == "gumbel" or self.gate_phase == "joint",
+                    f"gate_phase {self.gate_phase!r} needs method gumbel: {self.method!r} trains no gates",
+                ),
+                _choice("gate_phase", self.gate_phase, GATE_PHASES),
                 (0.0 <= self.distill <= 1.0, f"distill must be in [0, 1], got {self.distill}"),
                 (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device}"),
                 (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
@@ -362,8 +409,9 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        """A saved run's config. Settings it predates take the value that reproduces how it ran."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**(_BEFORE_THEY_EXISTED | {k: v for k, v in d.items() if k in names}))
 
 
 def parse_target_latency(value: str | float | None) -> tuple[str, float] | None:

@@ -186,7 +186,9 @@ def gate_bank_from_description(description: dict[str, Any]) -> GateBank:
     cls = GATE_KINDS.get(kind)
     if cls is None:
         raise ConfigError(f"unknown gate kind {kind!r} (this prunekit knows {', '.join(GATE_KINDS)})")
-    bank = cls(GateLayout.from_dict(description["layout"]), GateConfig(**description["config"]))
+    # a checkpoint from before GateConfig.importance ranked its channels by BatchNorm scale
+    config = GateConfig(**({"importance": "bn"} | description["config"]))
+    bank = cls(GateLayout.from_dict(description["layout"]), config)
     bank.tau = float(description.get("tau", 1.0))
     return bank
 

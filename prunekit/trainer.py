@@ -4,6 +4,9 @@ Schedule (a short-budget version of the paper's recipe, see docs/recipe.md): gat
 jointly until `decide_at` of the steps; then the gate decisions are fixed -- the gates ranked by learned
 margin (logit_on - logit_off) and the largest set that fits the MAC budget kept -- and the remaining
 steps fine-tune the weights under those fixed decisions. `decide_at=1` decides only at the end.
+Given the channel graph, those remaining steps train the physically slimmed model (a DensePhase,
+`prunekit.dense_phase`) rather than the masked full-width one: the same function, at a plain loop's
+speed; the gated model is kept in step with it and stays what checkpoints hold.
 
 `Trainer` holds one run's state (optimisers, schedule, step) and is given its device by a Runtime; it
 never writes files. `evaluate` and `recalibrate_batchnorm` are plain functions. The stage that wires
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,9 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.allocation import uniform_order, within_groups_order
 from prunekit.config import FinetuneConfig
+from prunekit.dense_phase import DensePhase
 from prunekit.errors import ConfigError, Interrupted, TrainingError
+from prunekit.gate_optim import SharedScaleAdam
 from prunekit.gates import GateBank
+from prunekit.graph import ChannelGraph
 from prunekit.modes import training_flags
 from prunekit.objective import MacBudget, MacModel, activation_loss, target_to_budget
 from prunekit.runtime import Runtime, decisions_hash
@@ -82,10 +90,14 @@ class Trainer:
         teacher: nn.Module | None = None,
         mac_counter: MacModel | None = None,
         total_macs: float | None = None,
+        graph: ChannelGraph | None = None,
     ) -> None:
         """`mac_model` is the cost the objective and the budget use: MACs, or predicted latency (a
         LatencyModel). With a latency budget, `mac_counter` and `total_macs` still count MACs for the
-        reports."""
+        reports. With `graph` (the model's channel graph), the steps after the decision point train
+        the slimmed model; without it, the masked full-width one."""
+        self.graph = graph
+        self.dense: DensePhase | None = None
         self.mac_counter, self.total_macs = mac_counter, total_macs
         # a latency budget may time the decided widths for real (prunekit.latency_table.MeasuredLatency):
         # given a unit mask, the measured latency fraction (its `close()`, if any, is called once the
@@ -111,14 +123,25 @@ class Trainer:
         # gate parameters by identity, not by name: a wrapper (DDP's "module.") cannot make them match both
         gate_ids = {id(p) for p in bank.parameters()}
         weights = [p for p in model.parameters() if id(p) not in gate_ids]
+        # a frozen gate phase: the weights take no gradient until the decision (no weight gradients
+        # computed either: the backward pass only reaches the gates); these are given it back then
+        self._frozen = [p for p in weights if p.requires_grad] if config.gate_phase == "frozen" else []
+        if not bank.is_decided:
+            for p in self._frozen:
+                p.requires_grad_(False)
         self.opt = torch.optim.SGD(
             weights, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
         )
-        self.gate_opt = torch.optim.Adam(
+        gate_optimizer = torch.optim.Adam if config.gate_optimizer == "adam" else SharedScaleAdam
+        self.gate_opt = gate_optimizer(
             bank.parameters(), lr=config.gate_lr, weight_decay=config.gate_weight_decay
         )
         self.total_steps = max(1, steps_per_epoch * config.epochs)
-        self.decide_step = min(self.total_steps, max(1, round(config.decide_at * self.total_steps)))
+        self.decide_step = (
+            0  # a magnitude criterion decides before the first step
+            if config.method == "magnitude"
+            else min(self.total_steps, max(1, round(config.decide_at * self.total_steps)))
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, self.total_steps) / self.total_steps))
         )
@@ -133,8 +156,29 @@ class Trainer:
     def decided(self) -> bool:
         return self.bank.is_decided
 
+    @property
+    def inference_model(self) -> nn.Module:
+        """The model to evaluate and recalibrate: the slimmed one once training uses it (the same
+        function, less work), else the gated model. Call `sync()` before reading `model` afterwards."""
+        return self.dense.model if self.dense is not None else self.model
+
+    def sync(self) -> None:
+        """Bring the gated model (and the optimiser state saved with it) up to date with the slimmed
+        model being trained; nothing to do before the decision point."""
+        if self.dense is not None:
+            self.dense.sync()
+
+    def _enter_dense_phase(self, x: torch.Tensor) -> None:
+        """From the first step after the decision: train the slimmed model, checked on this batch."""
+        self.dense = DensePhase(self.model, self.graph, self.opt)  # type: ignore[arg-type]
+        self.dense.verify(x[:8])
+        self.dense.set_lr(self.opt.param_groups[0]["lr"])
+        self.train_model = None  # type: ignore[assignment]  # release a DDP wrapper's reducer first
+        self.train_model = self.runtime.wrap(self.dense.model)
+
     # -- state for --resume ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        self.sync()  # the saved weights and momentum are the gated model's: one format, resumable
         return {
             "epoch": self.epoch,
             "step": self.step,
@@ -188,13 +232,27 @@ class Trainer:
         total = float(self.total_macs or 0.0)
         return (total - self.mac_counter.gateable_macs + kept) / max(total, 1e-9)
 
+    def _gate_order(self) -> torch.Tensor:
+        """The learnable gates, the first to keep first. Learned gates: by margin (logit_on -
+        logit_off), across all groups, or within each group with allocation "uniform"
+        (`allocation.within_groups_order`: every group keeps the uniform cut's count). The magnitude
+        method: `allocation.uniform_order`, so that any prefix keeps about the same fraction of every
+        group."""
+        bank = self.bank
+        if self.config.method == "magnitude":
+            return uniform_order(bank)
+        margin = (bank.logits[:, 1] - bank.logits[:, 0]).detach()
+        if self.config.allocation == "uniform":
+            return within_groups_order(bank, margin)
+        learnable = (~bank.fixed_on).nonzero().flatten()
+        return learnable[torch.argsort(margin[learnable], descending=True, stable=True)]
+
     @torch.no_grad()
     def decide(self) -> None:
-        """Fix the gates: rank learnable gates by margin, keep the largest prefix within the budget."""
+        """Fix the gates: order the learnable gates (`_gate_order`), keep the largest prefix within
+        the budget."""
         bank = self.bank
-        margin = (bank.logits[:, 1] - bank.logits[:, 0]).detach()
-        learnable = (~bank.fixed_on).nonzero().flatten()
-        order = learnable[torch.argsort(margin[learnable], descending=True, stable=True)]
+        order = self._gate_order()
 
         def decisions(k: int) -> torch.Tensor:
             d = bank.fixed_on.clone()
@@ -216,7 +274,11 @@ class Trainer:
             raise TrainingError(f"the processes reached different gate decisions ({sorted(hashes)})")
         bank.fix_(final)  # deterministic gates from here on, in train mode too
         bank.requires_grad_(False)  # the logits no longer take part: no gradient, no optimiser step
-        if self.runtime.distributed:  # DDP tracks the parameters that required gradients when it wrapped
+        for p in self._frozen:  # a frozen gate phase ends: the weights train from here
+            p.requires_grad_(True)
+        # DDP tracks the parameters that required gradients when it wrapped; with a graph, the next
+        # step wraps the slimmed model instead
+        if self.runtime.distributed and self.graph is None:
             self.train_model = None  # type: ignore[assignment]  # release the old wrapper's reducer first
             self.train_model = self.runtime.wrap(self.model)
 
@@ -276,6 +338,8 @@ class Trainer:
             if not self.decided and self.step >= self.decide_step:
                 self.decide()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.decided and self.dense is None and self.graph is not None:
+                self._enter_dense_phase(x)
             bank.tau = self.tau()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = self.train_model(x)  # re-wrapped at the decision point
@@ -287,7 +351,9 @@ class Trainer:
                     loss = (1 - cfg.distill) * ce + cfg.distill * distillation_loss(
                         logits.float(), soft.clone()
                     )
-            b = self.mac_model(bank.current) / self.mac_model.gateable_macs
+            # the gated model sets bank.current when it runs; the slimmed one has the decisions
+            current = bank.current if self.dense is None else bank.unit_activity().to(self.device)
+            b = self.mac_model(current) / self.mac_model.gateable_macs
             act = activation_loss(b, self.budget.t, cfg.one_sided)
             if not self.decided:
                 loss = loss + cfg.lam * act
@@ -295,13 +361,15 @@ class Trainer:
                 raise TrainingError(
                     f"non-finite loss at epoch {self.epoch + 1}, step {i + 1}: lower --lr / --gate-lr"
                 )
-            self.opt.zero_grad(set_to_none=True)
+            opt = self.opt if self.dense is None else self.dense.optimizer
+            opt.zero_grad(set_to_none=True)
             self.gate_opt.zero_grad(set_to_none=True)
             loss.backward()
-            self.opt.step()
+            if self.decided or not self._frozen:
+                opt.step()
             if not self.decided:
                 self.gate_opt.step()
-            self.sched.step()
+            self._schedule_step()
             self.step += 1
             n = y.shape[0]
             sums["loss"] += loss.item() * n
@@ -322,6 +390,7 @@ class Trainer:
                 )
         if not self.decided and self.step >= self.decide_step:
             self.decide()
+        self.sync()
         seconds = time.perf_counter() - start
         keys = list(sums)
         sums = dict(zip(keys, self.runtime.sum([sums[k] for k in keys]), strict=True))  # over all processes
@@ -334,6 +403,15 @@ class Trainer:
             "seconds": seconds,
             "images_per_s": sums["n"] / max(seconds, 1e-9),
         }
+
+    def _schedule_step(self) -> None:
+        """One step of the cosine schedule; it lives on the gated model's optimiser (its state is what
+        a checkpoint saves), and the slimmed model's optimiser takes its rate."""
+        with warnings.catch_warnings():  # a frozen gate phase steps the schedule before the optimiser
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+            self.sched.step()
+        if self.dense is not None:
+            self.dense.set_lr(self.opt.param_groups[0]["lr"])
 
 
 @torch.no_grad()
@@ -439,10 +517,12 @@ def run_epochs(
 def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: Any) -> EpochMetrics:
     cfg = trainer.config
     stats = trainer.train_one_epoch(train_loader, on_step)
+    model = trainer.inference_model
     if cfg.bn_recalibrate:
-        recalibrate_batchnorm(trainer.model, train_loader, trainer.device, cfg.bn_recalibrate)
-    trainer.runtime.broadcast_buffers(trainer.model)  # every process evaluates the model rank 0 saves
-    val = evaluate(trainer.model, val_loader, trainer.device, runtime=trainer.runtime)
+        recalibrate_batchnorm(model, train_loader, trainer.device, cfg.bn_recalibrate)
+    trainer.runtime.broadcast_buffers(model)  # every process evaluates the model rank 0 saves
+    val = evaluate(model, val_loader, trainer.device, runtime=trainer.runtime)
+    trainer.sync()
     b = trainer.decision_fraction()
     trainer.epoch += 1  # only once the epoch is evaluated: an interrupted one is redone on --resume
     return EpochMetrics(

@@ -52,3 +52,73 @@ def test_peers_benchmark_smoke(tmp_path: Path) -> None:
         assert 0.0 <= r["top1"] <= 1.0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| prunekit | 0.5 | 1 | 0.7 | 1 |" in doc.read_text()
+
+
+def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    args = ["--data", "builtin", "--weights", "none", "--rounds", "1", "--block", "2", "--batch-size", "16"]
+    args += ["--workers", "0", "--distill", "0,0.7", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *args],
+        capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["distill"] for r in result["results"]] == [0.0, 0.7]
+    for r in result["results"]:
+        rates = r["images_per_s_mean"]
+        assert set(rates) == {"prunekit", "masked", "plain"} and all(v > 0 for v in rates.values())
+        assert r["prunekit_over_plain"] == rates["prunekit"] / rates["plain"]
+    assert "prunekit/plain" in proc.stdout
+
+
+def _result(command: str, runs: list[dict]) -> dict:
+    return {
+        "command": command,
+        "baseline_top1": 0.8,
+        "total_macs": 1000,
+        "torch": "x",
+        "summary": [],
+        "runs": runs,
+    }
+
+
+def _run(method: str, top1: float, seed: int, variant: str = "") -> dict:
+    cell = {"method": method, "target": 0.5, "epochs": 2, "seed": seed, "distill": 0.7, "top1": top1}
+    return cell | {"macs": 490, "params": 1, "seconds": 1.0, "variant": variant, "widths": {}}
+
+
+def test_peers_merge_combines_pieces_of_a_grid_and_keeps_variants_apart(tmp_path: Path) -> None:
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text(json.dumps(_result("A", [_run("prunekit", 0.80, 0), _run("tp-l1-uniform", 0.79, 0)])))
+    b.write_text(json.dumps(_result("B", [_run("prunekit", 0.82, 1), _run("prunekit", 0.7, 1, "method=x")])))
+    out, doc = tmp_path / "m.json", tmp_path / "m.md"
+    args = [
+        "--merge",
+        str(a),
+        str(b),
+        "--out",
+        str(out),
+        "--plot",
+        str(tmp_path / "m.png"),
+        "--doc",
+        str(doc),
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), *args], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads(out.read_text())
+    rows = {r["method"]: r for r in merged["summary"]}
+    assert set(rows) == {"prunekit", "prunekit [method=x]", "tp-l1-uniform"}
+    assert rows["prunekit"]["seeds"] == 2 and abs(rows["prunekit"]["top1_mean"] - 0.81) < 1e-9
+    assert abs(rows["prunekit"]["top1_spread"] - 0.02) < 1e-9
+    assert merged["command"] == "A ; B" and len(merged["runs"]) == 4
+    assert "| prunekit | 0.5 | 2 | 0.7 | 2 | 0.490 | 81.00% | 2.00 |" in doc.read_text()
+    other = _result("C", [_run("prunekit", 0.5, 0)]) | {"total_macs": 7}
+    b.write_text(json.dumps(other))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), *args], capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "not of the same fixture" in proc.stderr

@@ -15,6 +15,7 @@ from prunekit.gates import (
     GATES_ATTR,
     GateBank,
     GateConfig,
+    gate_bank_from_description,
     get_gates,
     insert_gates_,
     make_layout,
@@ -25,7 +26,7 @@ from prunekit.graph import ChannelGraph, analyze
 from prunekit.measure import count_macs
 from prunekit.models import build_model
 from prunekit.objective import MacModel, activation_loss, target_to_budget
-from prunekit.plan import plan_from_units
+from prunekit.plan import l1_scores, plan_from_units
 from prunekit.surgery import slim_
 
 
@@ -332,6 +333,33 @@ def test_gate_config_validation() -> None:
         GateConfig(granularity=0)
     with pytest.raises(ConfigError, match="min_keep"):
         GateConfig(min_keep=1.0)
+    with pytest.raises(ConfigError, match="importance must be one of l1, bn, got 'taylor'"):
+        GateConfig(importance="taylor")
+
+
+def test_l1_importance_sums_every_weight_a_channel_touches() -> None:
+    """Group L1: producer filters + consumer input slices + BatchNorm scales, per channel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(1), nn.LazyLinear(2)
+    )
+    model(torch.randn(1, 3, 5, 5))
+    randomize(model, seed=3).eval()
+    graph = analyze(model, torch.randn(1, 3, 5, 5))
+    group = next(g for g in graph.groups if g.units == 6)  # the first conv's output channels
+    scores = l1_scores(model, graph)[group.offset : group.offset + 6]
+    w1, bn, w2 = model[0].weight.abs(), model[1].weight.abs(), model[3].weight.abs()
+    expected = w1.flatten(1).sum(1) + bn + w2.transpose(0, 1).flatten(1).sum(1)
+    torch.testing.assert_close(torch.tensor(scores), expected.detach(), rtol=1e-5, atol=0)
+
+
+def test_an_old_checkpoints_gates_say_they_were_ranked_by_batchnorm_scale(r18) -> None:
+    _, graph, _ = r18
+    bank = GateBank(make_layout(graph, GateConfig()), GateConfig())
+    old = bank.describe()
+    del old["config"]["importance"]  # what a checkpoint from before the option holds
+    assert gate_bank_from_description(old).config.importance == "bn"
+    assert gate_bank_from_description(bank.describe()).config.importance == "l1"
 
 
 def test_initial_logits_mostly_on(r18) -> None:
@@ -421,3 +449,25 @@ def test_insert_rejects_a_layout_of_another_model(r18, mbv2) -> None:
     _, other_graph, _ = mbv2
     with pytest.raises(ConfigError, match="does not fit"):
         insert_gates_(copy.deepcopy(model), r18[1], _bank(other_graph))
+
+
+def test_shared_scale_adam_keeps_the_gates_relative_step_sizes() -> None:
+    """Per-element Adam moves a gate with a steady small gradient as far as one with a steady large
+    one; with one shared scale, the steps stay proportional to the gradients."""
+    from prunekit.gate_optim import SharedScaleAdam
+
+    grads = torch.tensor([[1.0, -1.0], [0.1, -0.1], [0.0, 0.0]])
+    shared, per_element = nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(3, 2))
+    opts = [SharedScaleAdam([shared], lr=0.1), torch.optim.Adam([per_element], lr=0.1)]
+    for _ in range(5):
+        for p, opt in zip((shared, per_element), opts, strict=True):
+            p.grad = grads.clone()
+            opt.step()
+    torch.testing.assert_close(shared[1] / shared[0, 0].abs(), torch.tensor([-0.1, 0.1]))
+    assert float(shared.detach()[2].abs().sum()) == 0.0
+    torch.testing.assert_close(per_element[1], per_element[0])  # what per-element Adam does instead
+    # the state round-trips (resume)
+    again = SharedScaleAdam([nn.Parameter(shared.detach().clone())], lr=0.1)
+    again.load_state_dict(opts[0].state_dict())
+    state = next(iter(again.state.values()))
+    assert float(state["step"]) == 5 and state["exp_avg_sq"].ndim == 0

@@ -67,6 +67,14 @@ def gate_command(
         float,
         typer.Option(min=0.0, max=0.95, help="Fraction of each group always kept.", rich_help_panel="Gates"),
     ] = G["min_keep"],
+    importance: Annotated[
+        str,
+        typer.Option(
+            help="How channels are ranked within a group: l1 (group L1 magnitude of the weights they "
+            "touch) or bn (BatchNorm scale).",
+            rich_help_panel="Gates",
+        ),
+    ] = G["importance"],
     mean: Annotated[
         str | None,
         typer.Option(
@@ -97,7 +105,7 @@ def gate_command(
         std=numbers(std, "--std"),
         model_args=model_args(model_arg),
     )
-    config = GateConfig(granularity=granularity, min_keep=min_keep)
+    config = GateConfig(granularity=granularity, min_keep=min_keep, importance=importance)
     result = gate_stage(spec, output, config=config, seed=seed).to_dict() | {"output": str(output)}
     if json_output:
         render.emit_json(result, "gate")
@@ -171,6 +179,47 @@ def finetune_command(
             help="Share of training after which gate decisions are fixed.", rich_help_panel="Objective"
         ),
     ] = FT["decide_at"],
+    method: Annotated[
+        str,
+        typer.Option(
+            help="gumbel (learned gates, the default) or magnitude (the same fraction of every group by "
+            "the gate ranking, decided before the first step: a baseline).",
+            rich_help_panel="Objective",
+        ),
+    ] = FT["method"],
+    uniform_floor: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Every group keeps at least this share of what a uniform cut to the same budget keeps "
+            "it; the gates learn the rest (0: off).",
+            rich_help_panel="Objective",
+        ),
+    ] = FT["uniform_floor"],
+    allocation: Annotated[
+        str,
+        typer.Option(
+            help="learned (the gates decide how many channels each group keeps) or uniform (each group "
+            "keeps a uniform cut's count; the gates choose which).",
+            rich_help_panel="Objective",
+        ),
+    ] = FT["allocation"],
+    gate_optimizer: Annotated[
+        str,
+        typer.Option(
+            help="adam (per-gate Adam) or shared-adam (one step scale for all gates).",
+            rich_help_panel="Objective",
+        ),
+    ] = FT["gate_optimizer"],
+    gate_phase: Annotated[
+        str,
+        typer.Option(
+            help="Until the decision: joint (weights and gates train together) or frozen (only the "
+            "gates train, on the pretrained weights).",
+            rich_help_panel="Objective",
+        ),
+    ] = FT["gate_phase"],
     distill: Annotated[
         float,
         typer.Option(

@@ -19,6 +19,7 @@ import torch
 import torch.distributed
 from torch import nn
 
+from prunekit.allocation import largest_prefix, raise_floors_, uniform_order
 from prunekit.checkpoint import Checkpoint, load_checkpoint, non_finite_tensor, save_checkpoint
 from prunekit.config import RESUME_MUTABLE, FinetuneConfig, ModelSpec
 from prunekit.errors import CheckpointError, ConfigError, Interrupted, TrainingError, WriteError, first_line
@@ -141,6 +142,7 @@ class FinetuneSession:
     budget: MacBudget  # of MACs, or of predicted milliseconds with a latency budget
     steps_per_epoch: int
     latency: dict[str, Any] | None = None  # a latency budget: its target and table (see _latency_budget)
+    floors: dict[str, Any] | None = None  # the floors raised under the learned gates (uniform_floor)
 
     @property
     def runtime(self) -> Runtime:
@@ -210,6 +212,9 @@ def prepare_finetune(
         objective, budget, latency = _latency_budget(
             gated, bank, timing_model, config, runtime, latency_cache, on_latency_table
         )
+    floors = None
+    if config.method == "gumbel" and config.uniform_floor and gated.stage == "gated" and not bank.is_decided:
+        floors = _raise_floors(bank, objective, budget, config.uniform_floor)
     steps = (
         steps_per_epoch
         if config.max_steps_per_epoch is None
@@ -227,6 +232,7 @@ def prepare_finetune(
         teacher,
         mac_counter=None if latency is None else mac_model,
         total_macs=total_macs,
+        graph=gated.graph,  # after the decision point, the slimmed model trains
     )
     if latency is not None:  # the decision point times the decided widths for real
         from prunekit.config import DEFAULT_THREADS
@@ -239,7 +245,26 @@ def prepare_finetune(
             DEFAULT_THREADS,  # type: ignore[arg-type]
         )
         trainer.measure, trainer.decision_record = measured, latency
-    return FinetuneSession(gated, trainer, plain, budget, steps, latency)
+    return FinetuneSession(gated, trainer, plain, budget, steps, latency, floors)
+
+
+def _raise_floors(bank: GateBank, objective: MacModel, budget: MacBudget, share: float) -> dict[str, Any]:
+    """Floors under the learned gates from the uniform cut to this budget (prunekit.allocation). A
+    run starting from the gate stage's checkpoint only: a resumed one has its floors in its layout."""
+
+    def fits(decisions: torch.Tensor) -> bool:
+        kept = float(objective(bank.unit_activity(decisions))[0]) / objective.gateable_macs
+        return budget.fits(kept)
+
+    before = int(bank.fixed_on.sum())
+    uniform = largest_prefix(bank, uniform_order(bank), fits)
+    added = raise_floors_(bank, uniform, share)
+    return {
+        "share": share,
+        "fixed_gates_before": before,
+        "fixed_gates": before + added,
+        "gates": bank.num_gates,
+    }
 
 
 def _latency_budget(
@@ -369,6 +394,7 @@ def _train(
         "finetune": trainer.config.to_dict(),
         "budget": session.budget.to_dict(),
         "latency_budget": session.latency,
+        "floors": session.floors,
     }
     return result
 
@@ -481,6 +507,7 @@ class _EpochSaver:
             "finetune": session.trainer.config.to_dict(),
             "budget": session.budget.to_dict(),
             "latency_budget": session.latency,
+            "floors": session.floors or c.extra.get("floors"),  # a resumed run: the first run's
         }
         return Checkpoint(
             c.spec, c.model, c.graph, "finetuned", history=history, training=training, extra=extra

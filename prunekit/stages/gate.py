@@ -22,7 +22,7 @@ from prunekit.graph import ChannelGraph, FrozenChannels, analyze
 from prunekit.measure import count_macs
 from prunekit.models import check_runs, load_model
 from prunekit.objective import MacModel
-from prunekit.plan import magnitude_scores
+from prunekit.plan import IMPORTANCE
 from prunekit.runtime import model_device
 from prunekit.sources import complete_spec
 
@@ -108,7 +108,7 @@ def gate(
     mac_report = count_macs(model, x)
     original = OriginalSize(mac_report.total_macs, mac_report.params)
     graph = analyze(model, x)
-    layout = make_layout(graph, config, magnitude_scores(model, graph))
+    layout = make_layout(graph, config, IMPORTANCE[config.importance](model, graph))
     insert_gates_(model, graph, GateBank(layout, config))
     model.to(device)
     checkpoint = Checkpoint(spec, model, graph, "gated", extra={"original": original.to_dict()})
