@@ -25,6 +25,7 @@ from prunekit.gates import get_gates, plan_from_gates, ungated_copy
 from prunekit.graph import ChannelGraph
 from prunekit.modes import training_flags
 from prunekit.parity import compare_outputs
+from prunekit.plan import ChannelPlan
 from prunekit.surgery import slim_
 
 # The check at entry runs on the training device, where TF32 convolutions and other kernels differ
@@ -42,15 +43,17 @@ class _Slot:
     index: torch.Tensor | None  # flat positions in `full`; None: the tensor is copied whole
 
 
-def element_positions(plain: nn.Module, graph: ChannelGraph, keep_plan) -> dict[str, torch.Tensor | None]:  # noqa: ANN001
-    """For every state_dict entry of the slimmed `plain`, the flat positions of its elements in the
-    unslimmed tensor of the same name (None for a non-floating tensor, which is not sliced)."""
+def element_positions(
+    plain: nn.Module, graph: ChannelGraph, plan: ChannelPlan
+) -> dict[str, torch.Tensor | None]:
+    """For every state_dict entry of `plain` slimmed by `plan`, the flat positions of its elements in
+    the unslimmed tensor of the same name (None for a non-floating tensor, which is not sliced)."""
     coded = copy.deepcopy(plain).to("cpu", torch.float64)
     with torch.no_grad():
         for t in (*coded.parameters(), *coded.buffers()):
             if t.is_floating_point():
                 t.copy_(torch.arange(t.numel(), dtype=torch.float64).view_as(t))
-    slim_(coded, graph, keep_plan)
+    slim_(coded, graph, plan)
     return {
         name: t.flatten().long() if t.is_floating_point() else None for name, t in coded.state_dict().items()
     }
