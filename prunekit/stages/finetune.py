@@ -394,7 +394,7 @@ def _train(
         "finetune": trainer.config.to_dict(),
         "budget": session.budget.to_dict(),
         "latency_budget": session.latency,
-        "floors": session.floors,
+        "floors": session.floors or ckpt.extra.get("floors"),  # a resumed run: the first run's
     }
     return result
 
