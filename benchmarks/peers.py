@@ -165,9 +165,10 @@ def overrides(pairs: list[str], cls: type) -> dict[str, Any]:
         if key not in fields:
             raise SystemExit(f"unknown {cls.__name__} field {key!r}")
         default = getattr(cls(), key) if cls is not FinetuneConfig else getattr(cls(target_macs=0.5), key)
-        out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
         if isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
+        else:  # a field whose default is None takes the text as it is
+            out[key] = value if default is None else type(default)(value)
     return out
 
 
