@@ -30,19 +30,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peers import WEIGHTS, fixture  # the same fixture as the accuracy benchmark (this folder)
 from torch import nn
 
 import prunekit
-from prunekit.config import FinetuneConfig, GateConfig, ModelSpec
-from prunekit.data import resolve_data
-from prunekit.models import load_model
+from prunekit.config import FinetuneConfig, GateConfig
 from prunekit.runtime import resolve_runtime
 from prunekit.stages.finetune import prepare_finetune
 from prunekit.trainer import Trainer, distillation_loss
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared/data/cifar10-resnet18/resnet18_cifar10jpg.pth"
 
 
 def batches(loader: Any) -> Any:
@@ -76,23 +71,13 @@ class PlainLoop:
             self.sched.step()
 
 
-def decided_trainers(args: argparse.Namespace, distill: float) -> tuple[Trainer, Trainer, PlainLoop, Any]:
-    """prunekit's trainer past its decision point, the same without the graph, and the plain loop."""
-    cifar = args.data != "builtin"
-    spec = ModelSpec(
-        "resnet18",
-        weights=None if args.weights == "none" else args.weights,
-        num_classes=10,
-        input_shape=(3, 32, 32),
-        mean=CIFAR_MEAN if cifar else None,
-        std=CIFAR_STD if cifar else None,
-    )
-    torch.manual_seed(0)
-    model, spec = load_model(spec)
-    loaders = resolve_data(
-        args.data, **spec.preprocessing(), batch_size=args.batch_size, workers=args.workers
-    )
-    gated = prunekit.gate(model, spec=spec, config=GateConfig())
+def decided_trainers(
+    args: argparse.Namespace, fixed: tuple[nn.Module, Any, Any], distill: float
+) -> tuple[Trainer, Trainer, PlainLoop, Any]:
+    """prunekit's trainer past its decision point, the same without the graph, and the plain loop,
+    on a copy of the fixture's model (`fixed`: model, spec, loaders)."""
+    model, spec, loaders = fixed
+    gated = prunekit.gate(copy.deepcopy(model), spec=spec, config=GateConfig())
     steps = 100 * args.block * args.rounds  # a long schedule: the rate barely moves while measuring
     config = FinetuneConfig(
         target_macs=args.target,
@@ -126,8 +111,8 @@ def decided_trainers(args: argparse.Namespace, distill: float) -> tuple[Trainer,
     return trainer, masked, plain, stream
 
 
-def measure(args: argparse.Namespace, distill: float) -> dict[str, Any]:
-    trainer, masked, plain, stream = decided_trainers(args, distill)
+def measure(args: argparse.Namespace, fixed: tuple[nn.Module, Any, Any], distill: float) -> dict[str, Any]:
+    trainer, masked, plain, stream = decided_trainers(args, fixed, distill)
     loops = {
         "prunekit": lambda block: trainer.train_one_epoch(block),
         "masked": lambda block: masked.train_one_epoch(block),
@@ -165,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pre-decoded", action="store_true", help="time the steps only, batches fetched before")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    results = [measure(args, float(d)) for d in args.distill.split(",")]
+    fixed = fixture(args)  # decoded once for every setting
+    results = [measure(args, fixed, float(d)) for d in args.distill.split(",")]
     doc = {
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch": torch.__version__,

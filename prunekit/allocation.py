@@ -48,23 +48,29 @@ def within_groups_order(bank: GateBank, score: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def largest_prefix(bank: GateBank, order: torch.Tensor, fits: Callable[[torch.Tensor], bool]) -> torch.Tensor:
-    """The fixed gates plus the longest prefix of `order` whose decisions (G,) bool still `fit`
-    (a bisection: keeping more gates never costs less)."""
+def prefix_decisions(bank: GateBank, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Decisions (G,) bool: the fixed gates and the first `k` gates of `order` on."""
+    d = bank.fixed_on.clone()
+    d[order[:k]] = True
+    return d
 
-    def decisions(k: int) -> torch.Tensor:
-        d = bank.fixed_on.clone()
-        d[order[:k]] = True
-        return d
 
+def fitting_prefix(bank: GateBank, order: torch.Tensor, fits: Callable[[torch.Tensor], bool]) -> int:
+    """The length of the longest prefix of `order` whose decisions still `fit` (a bisection: keeping
+    more gates never costs less)."""
     lo, hi = 0, len(order)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(decisions(mid)):
+        if fits(prefix_decisions(bank, order, mid)):
             lo = mid
         else:
             hi = mid - 1
-    return decisions(lo)
+    return lo
+
+
+def largest_prefix(bank: GateBank, order: torch.Tensor, fits: Callable[[torch.Tensor], bool]) -> torch.Tensor:
+    """The decisions of the longest prefix of `order` that fits (`fitting_prefix`)."""
+    return prefix_decisions(bank, order, fitting_prefix(bank, order, fits))
 
 
 @torch.no_grad()
@@ -85,4 +91,11 @@ def raise_floors_(bank: GateBank, uniform: torch.Tensor, share: float) -> int:
     return added
 
 
-__all__ = ["largest_prefix", "raise_floors_", "uniform_order", "within_groups_order"]
+__all__ = [
+    "fitting_prefix",
+    "largest_prefix",
+    "prefix_decisions",
+    "raise_floors_",
+    "uniform_order",
+    "within_groups_order",
+]

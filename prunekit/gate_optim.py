@@ -10,9 +10,10 @@ class SharedScaleAdam(torch.optim.Optimizer):
     element. Every gate's step keeps its gradient's size relative to the other gates', so the
     activation loss's push (a gate's share of the MACs) and the task loss's pull (its channels'
     first-order importance) are weighed against each other as the objective states them. Per-element
-    Adam divides each gate's gradient by its own scale instead: a gate whose MAC push is steady moves
-    at the full rate however important its channels are, while one whose push is small next to the task
-    loss's noise barely moves, so the cut falls on the expensive layers whatever they contribute."""
+    Adam divides each gate's gradient by its own scale instead, so a gate whose MAC push is steady can
+    move at the full rate however important its channels are. The hypothesis this tests: that this is
+    why the learned cut falls on the expensive layers. Measured on the CIFAR fixture it made no
+    difference on top of the floors (docs/recipe.md), so it is an option, not the default."""
 
     def __init__(
         self,

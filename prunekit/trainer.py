@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.allocation import uniform_order, within_groups_order
+from prunekit.allocation import fitting_prefix, prefix_decisions, uniform_order, within_groups_order
 from prunekit.config import FinetuneConfig
 from prunekit.dense_phase import DensePhase
 from prunekit.errors import ConfigError, Interrupted, TrainingError
@@ -255,17 +255,9 @@ class Trainer:
         order = self._gate_order()
 
         def decisions(k: int) -> torch.Tensor:
-            d = bank.fixed_on.clone()
-            d[order[:k]] = True
-            return d
+            return prefix_decisions(bank, order, k)
 
-        lo, hi = 0, len(order)  # largest k with fraction(k) <= t (fraction grows with k)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.budget.fits(self.decision_fraction(decisions(mid))):
-                lo = mid
-            else:
-                hi = mid - 1
+        lo = fitting_prefix(bank, order, lambda d: self.budget.fits(self.decision_fraction(d)))
         if self.measure is not None:
             lo = self._measured_prefix(decisions, lo, len(order))
         final = decisions(lo)
@@ -522,7 +514,7 @@ def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: An
         recalibrate_batchnorm(model, train_loader, trainer.device, cfg.bn_recalibrate)
     trainer.runtime.broadcast_buffers(model)  # every process evaluates the model rank 0 saves
     val = evaluate(model, val_loader, trainer.device, runtime=trainer.runtime)
-    trainer.sync()
+    trainer.sync()  # the recalibrated or broadcast BatchNorm statistics
     b = trainer.decision_fraction()
     trainer.epoch += 1  # only once the epoch is evaluated: an interrupted one is redone on --resume
     return EpochMetrics(

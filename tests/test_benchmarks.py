@@ -13,6 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _script(name: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run benchmarks/<name> on one thread; its output is captured as text."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
 def test_peers_benchmark_smoke(tmp_path: Path) -> None:
     pytest.importorskip("torch_pruning")
     pytest.importorskip("matplotlib")
@@ -40,10 +48,7 @@ def test_peers_benchmark_smoke(tmp_path: Path) -> None:
         "--doc",
         str(doc),
     ]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), *args],
-        capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    proc = _script("peers.py", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["method"] for r in result["runs"]] == ["prunekit", "tp-l1-uniform", "tp-taylor"]
@@ -58,10 +63,7 @@ def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     args = ["--data", "builtin", "--weights", "none", "--rounds", "1", "--block", "2", "--batch-size", "16"]
     args += ["--workers", "0", "--distill", "0,0.7", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *args],
-        capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    proc = _script("throughput.py", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["distill"] for r in result["results"]] == [0.0, 0.7]
@@ -105,9 +107,7 @@ def test_peers_merge_combines_pieces_of_a_grid_and_keeps_variants_apart(tmp_path
         "--doc",
         str(doc),
     ]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), *args], capture_output=True, text=True
-    )
+    proc = _script("peers.py", args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = json.loads(out.read_text())
     rows = {r["method"]: r for r in merged["summary"]}
@@ -118,7 +118,5 @@ def test_peers_merge_combines_pieces_of_a_grid_and_keeps_variants_apart(tmp_path
     assert "| prunekit | 0.5 | 2 | 0.7 | 2 | 0.490 | 81.00% | 2.00 |" in doc.read_text()
     other = _result("C", [_run("prunekit", 0.5, 0)]) | {"total_macs": 7}
     b.write_text(json.dumps(other))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), *args], capture_output=True, text=True
-    )
+    proc = _script("peers.py", args)
     assert proc.returncode != 0 and "not of the same fixture" in proc.stderr
