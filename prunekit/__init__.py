@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "slim": "prunekit.stages.slim",
     "SlimResult": "prunekit.stages.slim",
     "export_onnx": "prunekit.stages.slim",
+    "DynamicSlimResult": "prunekit.stages.slim_dynamic",  # slim() of a model with dynamic gates
     # the file-based stages (what the CLI calls)
     "gate_stage": "prunekit.stages.gate",
     "finetune_stage": "prunekit.stages.finetune",
@@ -67,6 +68,10 @@ _LAZY: dict[str, str] = {
     "slim_": "prunekit.surgery",
     "verify_slim": "prunekit.surgery",
     "insert_gates_": "prunekit.gates",
+    "DynamicGateBank": "prunekit.dynamic",
+    "find_dynamic_blocks": "prunekit.dynamic",
+    "dynamic_inference_model": "prunekit.dynamic_slim",
+    "verify_dynamic": "prunekit.dynamic_slim",
     "remove_gates_": "prunekit.gates",
     "Checkpoint": "prunekit.checkpoint",
     "load_checkpoint": "prunekit.checkpoint",

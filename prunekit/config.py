@@ -8,10 +8,11 @@ TOML sections of a `prunekit run` config (every key optional but the model's sou
 
 [model]      arch, weights, num_classes, input_shape, mean, std, args (a table of factory arguments),
              resize_size, interpolation (evaluation preprocessing; torchvision weights set their own)
-[gates]      granularity, min_keep, init_on, init_off, init_spread, importance    (GateConfig)
+[gates]      granularity, min_keep, init_on, init_off, init_spread, importance, dynamic    (GateConfig)
 [finetune]   data, target_macs, epochs, batch_size, lr, ...           (FinetuneConfig)
 [slim]       export ("onnx" | "pt2" | "onnx,pt2" | "none"), opset, latency, threads, quantize
-             ("int8" | "fp16" | "int8,fp16"), calibration_batches, max_quantization_drop (SlimConfig)
+             ("int8" | "fp16" | "int8,fp16"), calibration_batches, max_quantization_drop, drop_never_on
+             (SlimConfig)
 [ci]         max_accuracy_drop (percentage points; the run fails with exit code 3 beyond it)
 """
 
@@ -280,6 +281,8 @@ METHODS = ("gumbel", "magnitude")  # FinetuneConfig.method
 ALLOCATIONS = ("learned", "uniform")  # FinetuneConfig.allocation
 GATE_OPTIMIZERS = ("adam", "shared-adam")  # FinetuneConfig.gate_optimizer
 IMPORTANCE_KINDS = ("l1", "bn")  # GateConfig.importance (prunekit.plan.IMPORTANCE)
+STATIC_MIN_KEEP, DYNAMIC_MIN_KEEP = 0.5, 0.25  # GateConfig.min_keep when not given
+STATIC_GRANULARITY, DYNAMIC_GRANULARITY = 8, 16  # GateConfig.granularity when not given
 
 
 # FinetuneConfig fields whose default differs from how a run saved before they existed behaved
@@ -296,21 +299,35 @@ SEED_LIMIT = 2**32  # numpy's and DataLoader workers' seeds are 32-bit: seeds ar
 
 @dataclass(frozen=True)
 class GateConfig:
-    granularity: int = 8  # channels per gate; surviving widths come out in multiples of it
-    min_keep: float = 0.5  # fraction of each group always kept (its most important gates); see docs/recipe.md
+    # channels per gate (surviving widths come out in multiples of it); None: 8, or 16 with dynamic
+    # gates, whose gate networks cost MACs per gate
+    granularity: int | None = None
+    # fraction of each group always kept (its most important gates; docs/recipe.md); None: 0.5, or
+    # 0.25 with dynamic gates, which have only the blocks' internal widths to spend the budget on
+    min_keep: float | None = None
     init_on: float = 4.0  # initial on-logit of the most important gate (paper: [0.1, 4] for every gate)
     init_off: float = 0.1  # initial off-logit
     init_spread: float = 2.0  # the least important gate starts with its on-logit lowered by this much
     # how channels are ranked within a group (which form a gate, which are always kept, the initial
     # logits): "l1", group L1 magnitude of every weight they touch; "bn", BatchNorm scale
     importance: str = "l1"
+    # input-dependent gates (conditional computation, prunekit.dynamic) on the internal widths of
+    # residual blocks, decided per example by a small gate network reading the block's input
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
+        # frozen: the resolved defaults are what to_dict records
+        if self.min_keep is None:
+            object.__setattr__(self, "min_keep", DYNAMIC_MIN_KEEP if self.dynamic else STATIC_MIN_KEEP)
+        if self.granularity is None:
+            object.__setattr__(
+                self, "granularity", DYNAMIC_GRANULARITY if self.dynamic else STATIC_GRANULARITY
+            )
         _check(
             [
-                (self.granularity >= 1, f"granularity must be >= 1, got {self.granularity}"),
-                (0.0 <= self.min_keep < 1.0, f"min_keep must be in [0, 1), got {self.min_keep}"),
+                (self.granularity >= 1, f"granularity must be >= 1, got {self.granularity}"),  # type: ignore[operator]
+                (0.0 <= self.min_keep < 1.0, f"min_keep must be in [0, 1), got {self.min_keep}"),  # type: ignore[operator]
                 _choice("importance", self.importance, IMPORTANCE_KINDS),
             ]
         )
@@ -452,6 +469,9 @@ class SlimConfig:
     quantize: str | None = None  # int8 | fp16 | int8,fp16: quantised copies of the ONNX file (need data)
     calibration_batches: int = 8  # INT8: batches of 32 images of the data's training split
     max_quantization_drop: float | None = None  # percentage points of top-1 vs FP32; beyond: exit 3
+    # dynamic gates: remove for good the channels no calibration image (the data's training split,
+    # calibration_batches batches of 32) turns on; changes the output of inputs that would
+    drop_never_on: bool = False
 
     def __post_init__(self) -> None:
         for name in ("export", "quantize"):  # TOML may give a list: ["onnx", "pt2"]

@@ -167,6 +167,20 @@ class GateBank(nn.Module):
         states = self.decisions() if states is None else states
         return self.unit_values(states.to(self.logits.dtype).unsqueeze(0))
 
+    def begin(self, batch: int) -> None:
+        """Set the unit activity of the forward pass about to run (`batch` examples)."""
+        self.current = self.unit_values(self.gate_values(batch))
+        self.current_ext = with_ones(self.current)
+
+    def attach_(self, model: nn.Module) -> None:
+        """Register any hooks of this kind of bank beyond the model's and the mask points' (none)."""
+
+    @classmethod
+    def from_description(
+        cls, layout: GateLayout, config: GateConfig, description: dict[str, Any]
+    ) -> GateBank:
+        return cls(layout, config)
+
     def describe(self) -> dict[str, Any]:
         """What a checkpoint stores to rebuild this bank (the logits travel in the state_dict)."""
         return {
@@ -180,15 +194,22 @@ class GateBank(nn.Module):
 GATE_KINDS: dict[str, type[GateBank]] = {GateBank.kind: GateBank}
 
 
+def _gate_kinds() -> dict[str, type[GateBank]]:
+    from prunekit.dynamic import DynamicGateBank  # imports this module: registered on first use
+
+    return GATE_KINDS | {DynamicGateBank.kind: DynamicGateBank}
+
+
 def gate_bank_from_description(description: dict[str, Any]) -> GateBank:
     """Rebuild a bank from `GateBank.describe()` output (a missing kind is a format-1 static bank)."""
     kind = description.get("kind", GateBank.kind)
-    cls = GATE_KINDS.get(kind)
+    kinds = _gate_kinds()
+    cls = kinds.get(kind)
     if cls is None:
-        raise ConfigError(f"unknown gate kind {kind!r} (this prunekit knows {', '.join(GATE_KINDS)})")
+        raise ConfigError(f"unknown gate kind {kind!r} (this prunekit knows {', '.join(kinds)})")
     # a checkpoint from before GateConfig.importance ranked its channels by BatchNorm scale
     config = GateConfig(**({"importance": "bn"} | description["config"]))
-    bank = cls(GateLayout.from_dict(description["layout"]), config)
+    bank = cls.from_description(GateLayout.from_dict(description["layout"]), config, description)
     bank.tau = float(description.get("tau", 1.0))
     return bank
 
@@ -206,10 +227,7 @@ class _GateValues:
 
     def __call__(self, _model: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
-        batch = x.shape[0] if isinstance(x, torch.Tensor) else 1
-        bank = self.bank
-        bank.current = bank.unit_values(bank.gate_values(batch))
-        bank.current_ext = with_ones(bank.current)
+        self.bank.begin(x.shape[0] if isinstance(x, torch.Tensor) else 1)
 
 
 class _GateMask(MaskHook):
@@ -236,6 +254,7 @@ def insert_gates_(model: nn.Module, graph: ChannelGraph, bank: GateBank) -> nn.M
     model.register_forward_pre_hook(_GateValues(bank))
     for point in graph.mask_points:
         model.get_submodule(point.module).register_forward_hook(_GateMask(point, bank))
+    bank.attach_(model)
     return model
 
 
@@ -247,9 +266,7 @@ def remove_gates_(model: nn.Module) -> GateBank:
     # found by type rather than by handle: a deep copy's handles would still point at the original
     for m in model.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for key in [
-                k for k, h in hooks.items() if isinstance(h, (_GateMask, _GateValues)) and h.bank is bank
-            ]:
+            for key in [k for k, h in hooks.items() if getattr(h, "bank", None) is bank]:
                 del hooks[key]
     del model._modules[GATES_ATTR]
     bank.current = bank.current_ext = None

@@ -61,10 +61,46 @@ def write_run_plots(
     return written
 
 
+def write_macs_plot(
+    fractions: list[float], labels: list[int], classes: list[str] | None, path: Path
+) -> str | None:
+    """Dynamic gates: a histogram of the MACs each validation example used, and their mean per class
+    (with the 5th-95th percentile range). None without matplotlib."""
+    if not available() or not fractions:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    f = np.asarray(fractions)
+    y = np.asarray(labels)
+    fig, (hist, per_class) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    hist.hist(f, bins=30, color="tab:purple")
+    hist.axvline(f.mean(), color="k", ls="--", lw=1, label=f"mean {f.mean():.3f}")
+    hist.set_xlabel("MACs used (fraction of the original)")
+    hist.set_ylabel("examples")
+    hist.legend(fontsize=8)
+    present = sorted(set(y.tolist()))
+    means = [f[y == c].mean() for c in present]
+    lo = [means[i] - np.percentile(f[y == c], 5) for i, c in enumerate(present)]
+    hi = [np.percentile(f[y == c], 95) - means[i] for i, c in enumerate(present)]
+    per_class.bar(range(len(present)), means, yerr=[lo, hi], color="tab:purple", capsize=2)
+    names = [classes[c] if classes and c < len(classes) else str(c) for c in present]
+    per_class.set_xticks(range(len(present)), names, rotation=90, fontsize=6)
+    per_class.set_ylabel("mean MACs (p5-p95)")
+    per_class.set_title("per class", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
 def _save(fig: Any, path: Path) -> str:
     with atomic_path(path, suffix=".tmp.png") as tmp:
         fig.savefig(tmp, format="png")
     return str(path)
 
 
-__all__ = ["PLOT_FILES", "available", "write_run_plots"]
+__all__ = ["PLOT_FILES", "available", "write_macs_plot", "write_run_plots"]

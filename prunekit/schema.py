@@ -82,6 +82,8 @@ class CheckpointInfoDoc(BaseModel):
     baseline_val_acc: float | None
     baseline_val_top5: float | None = None
     target_latency: Row | None = None  # fine-tuned with --target-latency
+    gate_kind: str | None = None  # "static" or "dynamic" (None: no gates)
+    macs_per_example: Row | None = None  # dynamic gates: the last validation's mean, p50, p95, min, max
 
 
 class ReportDoc(_Doc):
@@ -109,6 +111,7 @@ class AnalyzeDoc(_Doc):
     prunable_macs: int
     prunable_fraction: float
     frozen: list[Row]
+    dynamic: Row | None = None  # where `gate --dynamic` puts gates (blocks) and why other groups stay static
 
 
 class GateDoc(_Doc):
@@ -126,6 +129,10 @@ class GateDoc(_Doc):
     gateable_fraction: float  # gateable MACs / all MACs
     frozen: list[Row]
     output: str
+    gate_kind: str = "static"  # "dynamic": input-dependent gates (gate --dynamic)
+    dynamic: list[Row] | None = None  # dynamic gates: the blocks (name, reads, groups)
+    gate_net_macs: int | None = None  # dynamic gates: the gate networks' MACs per example
+    gate_net_fraction: float | None = None  # ... as a fraction of the model's
 
 
 class FinetuneDoc(_Doc):
@@ -162,6 +169,7 @@ class SlimDoc(_Doc):
     checkpoint: str | None = None  # the slim checkpoint written
     plan: str | None = None  # the plan written (--save-plan)
     checkpoint_bytes: int | None = None
+    dynamic: Row | None = None  # dynamic gates: macs_per_example (mean, p50, p95, min, max, gate_nets)
 
 
 class RunDoc(_Doc):

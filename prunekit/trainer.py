@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,6 +49,9 @@ class Evaluation:
     top1: float
     top5: float
     loss: float
+    # dynamic gates: the gateable-MACs fraction of every example evaluated (all processes)
+    example_costs: tuple[float, ...] | None = None
+    example_labels: tuple[int, ...] | None = None  # their labels, in the same order
 
 
 @dataclass
@@ -67,6 +70,9 @@ class EpochMetrics:
     seconds: float
     images_per_s: float
     latency_fraction: float | None = None  # a latency budget: the predicted fraction of the original's
+    # dynamic gates: the distribution of the whole model's MACs fraction over the validation examples
+    # (prunekit.dynamic.mac_stats); macs_fraction and gateable_kept are then its means
+    macs_per_example: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,6 +154,10 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.amp = config.amp and runtime.amp_dtype is not None
+        # dynamic gates: the decision offset is calibrated on training batches (`calibrate_dynamic`)
+        self.dynamic = bank.kind == "dynamic"
+        self.calibrated_fraction: float | None = None  # the decided mean cost on those examples
+        self._train_loader: Any = None
         if bank.is_decided:  # a resumed run past its decision point
             bank.requires_grad_(False)
         self.train_model = runtime.wrap(model)  # DistributedDataParallel under torchrun
@@ -190,6 +200,7 @@ class Trainer:
             "rng_per_rank": self.runtime.gather(torch.get_rng_state()),  # a collective under torchrun
             # the Gumbel noise of gates on a GPU comes from the device's generator
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "calibrated_fraction": self.calibrated_fraction,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -204,6 +215,7 @@ class Trainer:
                 f"the saved run used {len(per_rank)} process(es); resume it with the same number "
                 f"(this run has {self.runtime.world_size})"
             )
+        self.calibrated_fraction = state.get("calibrated_fraction")
         rng = per_rank[self.runtime.rank]
         torch.set_rng_state(rng.cpu() if isinstance(rng, torch.Tensor) else rng)
         if state.get("cuda_rng") is not None and self.device.type == "cuda" and not self.runtime.distributed:
@@ -232,6 +244,18 @@ class Trainer:
         total = float(self.total_macs or 0.0)
         return (total - self.mac_counter.gateable_macs + kept) / max(total, 1e-9)
 
+    @torch.no_grad()
+    def example_cost(self) -> torch.Tensor:
+        """The gateable-MACs fraction each example of the last forward pass used (dynamic gates)."""
+        return self.mac_model(self.bank.current) / self.mac_model.gateable_macs
+
+    def mac_stats(self, gateable: Sequence[float]) -> dict[str, float]:
+        """The whole model's MACs fraction per example, summarised (prunekit.dynamic.mac_stats)."""
+        from prunekit.dynamic import mac_stats
+
+        nets = self.bank.gate_net_macs() / self.budget.total_macs  # type: ignore[attr-defined]
+        return mac_stats([self.budget.total_fraction(g) for g in gateable], nets)
+
     def _gate_order(self) -> torch.Tensor:
         """The learnable gates, the first to keep first. Learned gates: by margin (logit_on -
         logit_off), across all groups, or within each group with allocation "uniform"
@@ -252,6 +276,9 @@ class Trainer:
         """Fix the gates: order the learnable gates (`_gate_order`), keep the largest prefix within
         the budget."""
         bank = self.bank
+        if self.dynamic:
+            self._decide_dynamic()
+            return
         order = self._gate_order()
 
         def decisions(k: int) -> torch.Tensor:
@@ -273,6 +300,60 @@ class Trainer:
         if self.runtime.distributed and self.graph is None:
             self.train_model = None  # type: ignore[assignment]  # release the old wrapper's reducer first
             self.train_model = self.runtime.wrap(self.model)
+
+    @torch.no_grad()
+    def _decide_dynamic(self) -> None:
+        """Dynamic gates: deterministic per-example decisions from here on, the gate networks frozen
+        (their BatchNorm statistics too), and the decision offset calibrated."""
+        bank = self.bank
+        bank.fix_()
+        bank.requires_grad_(False)
+        for p in self._frozen:
+            p.requires_grad_(True)
+        if self.runtime.distributed:
+            self.train_model = None  # type: ignore[assignment]
+            self.train_model = self.runtime.wrap(self.model)
+        self.calibrate_dynamic(self._train_loader)
+
+    @torch.no_grad()
+    def calibrate_dynamic(self, loader: Any) -> None:
+        """Set the offset added to every learnable gate's margin: by bisection, the largest whose mean
+        cost fits the budget on the first CALIBRATION_BATCHES training batches (of every process), run
+        in eval mode, as the model will be used: the analogue of keeping the largest set of static
+        gates that fits. Called at the decision point and after every later epoch, since the weights
+        still train and the blocks' inputs, and with them the decisions, drift."""
+        bank = self.bank
+        if loader is None:
+            raise TrainingError("dynamic gates need training batches to calibrate their decisions")
+        pooled_batches = []
+        with training_flags(self.model):
+            self.model.eval()
+            bank.recording = {}  # type: ignore[attr-defined]
+            try:
+                for i, (x, _) in enumerate(loader):
+                    if i >= CALIBRATION_BATCHES:
+                        break
+                    self.model(x.to(self.device))
+                    pooled_batches.append(bank.recorded())  # type: ignore[attr-defined]
+            finally:
+                bank.recording = None  # type: ignore[attr-defined]
+        pooled = [torch.cat([b[i] for b in pooled_batches]) for i in range(len(pooled_batches[0]))]
+        local = bank.margins(pooled).cpu()  # type: ignore[attr-defined]
+        m = torch.cat(self.runtime.gather(local)).to(self.device)
+
+        def cost(offset: float) -> float:
+            a = bank.unit_values(bank.states(m, offset))  # type: ignore[attr-defined]
+            return float((self.mac_model(a) / self.mac_model.gateable_macs).mean())
+
+        lo, hi = -DYNAMIC_OFFSET_RANGE, DYNAMIC_OFFSET_RANGE
+        if self.budget.fits(cost(hi)):
+            lo = hi
+        else:
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if self.budget.fits(cost(mid)) else (lo, mid)
+        bank.offset.fill_(lo)  # type: ignore[attr-defined]
+        self.calibrated_fraction = cost(lo)
 
     def _measured_prefix(self, decisions: Callable[[int], torch.Tensor], predicted: int, n: int) -> int:
         """The largest number of learnable gates whose decided widths, timed for real, fit the target
@@ -318,6 +399,7 @@ class Trainer:
         self, loader: Any, on_step: Callable[[dict[str, float]], None] | None = None
     ) -> dict[str, float]:
         model, bank, cfg = self.train_model, self.bank, self.config
+        self._train_loader = loader
         model.train()
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new, shared order every epoch
@@ -330,7 +412,7 @@ class Trainer:
             if not self.decided and self.step >= self.decide_step:
                 self.decide()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.decided and self.dense is None and self.graph is not None:
+            if self.decided and self.dense is None and self.graph is not None and not self.dynamic:
                 self._enter_dense_phase(x)
             bank.tau = self.tau()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -413,12 +495,16 @@ def evaluate(
     device: torch.device,
     max_batches: int | None = None,
     runtime: Runtime | None = None,
+    example_cost: Callable[[], torch.Tensor] | None = None,
 ) -> Evaluation:
     """Top-1 and top-5 accuracy and the mean cross-entropy, in eval mode (deterministic gates). Top-5
     is top-k with k = min(5, classes): with fewer than 5 classes every label is among them (1.0).
     Under torchrun each process evaluates its shard (a ShardSampler) and the counts are summed, so
-    every example counts exactly once."""
+    every example counts exactly once. `example_cost()`, called after each batch, gives the cost of
+    each of its examples (dynamic gates: the gateable-MACs fraction it used)."""
     correct = correct5 = total = 0
+    costs: list[float] = []
+    labels: list[int] = []
     loss = 0.0
     with training_flags(model):
         model.eval()
@@ -432,10 +518,22 @@ def evaluate(
             top = out.topk(min(TOP_K, out.shape[1]), dim=1).indices
             correct5 += int((top == y[:, None]).any(1).sum())
             total += y.shape[0]
+            if example_cost is not None:
+                costs.extend(example_cost().tolist())
+                labels.extend(y.tolist())
     if runtime is not None:
         correct, correct5, total, loss = runtime.sum([correct, correct5, total, loss])
+        if example_cost is not None:
+            costs = [c for part in runtime.gather(costs) for c in part]
+            labels = [c for part in runtime.gather(labels) for c in part]
     n = max(1, total)
-    return Evaluation(top1=correct / n, top5=correct5 / n, loss=loss / n)
+    return Evaluation(
+        top1=correct / n,
+        top5=correct5 / n,
+        loss=loss / n,
+        example_costs=tuple(costs) if example_cost else None,
+        example_labels=tuple(labels) if example_cost else None,
+    )
 
 
 def distillation_loss(
@@ -450,8 +548,12 @@ def distillation_loss(
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device, batches: int) -> None:
     """Re-estimate BatchNorm running statistics with the current (deterministic) gates."""
+    # a dynamic bank's gate networks keep their statistics: they are part of how it decides
+    in_banks = {id(m) for bank in model.modules() if isinstance(bank, GateBank) for m in bank.modules()}
     bns = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and id(m) not in in_banks
     ]
     if not bns or batches <= 0:
         return
@@ -473,6 +575,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device, b
                 m.momentum = mom
 
 
+CALIBRATION_BATCHES = 8  # dynamic gates: training batches that calibrate the decision offset
+DYNAMIC_OFFSET_RANGE = 30.0
 MEASURED_PROBES = 8  # timings at the decision point of a latency budget (a bisection over ~250 gates)
 
 
@@ -509,13 +613,28 @@ def run_epochs(
 def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: Any) -> EpochMetrics:
     cfg = trainer.config
     stats = trainer.train_one_epoch(train_loader, on_step)
+    if trainer.dynamic and trainer.decided:
+        trainer.calibrate_dynamic(train_loader)  # the weights trained on: the decisions drifted
     model = trainer.inference_model
     if cfg.bn_recalibrate:
         recalibrate_batchnorm(model, train_loader, trainer.device, cfg.bn_recalibrate)
     trainer.runtime.broadcast_buffers(model)  # every process evaluates the model rank 0 saves
-    val = evaluate(model, val_loader, trainer.device, runtime=trainer.runtime)
+    val = evaluate(
+        model,
+        val_loader,
+        trainer.device,
+        runtime=trainer.runtime,
+        example_cost=trainer.example_cost if trainer.dynamic else None,
+    )
     trainer.sync()  # the recalibrated or broadcast BatchNorm statistics
-    b = trainer.decision_fraction()
+    per_example = None
+    if val.example_costs:  # dynamic gates: the mean over the validation examples
+        b = sum(val.example_costs) / len(val.example_costs)
+        per_example = trainer.mac_stats(val.example_costs)
+        macs_fraction = per_example["mean"]
+    else:
+        b = trainer.decision_fraction()
+        macs_fraction = trainer.macs_fraction()
     trainer.epoch += 1  # only once the epoch is evaluated: an interrupted one is redone on --resume
     return EpochMetrics(
         epoch=trainer.epoch,
@@ -526,12 +645,13 @@ def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: An
         val_acc=val.top1,
         val_top5=val.top5,
         val_loss=val.loss,
-        macs_fraction=trainer.macs_fraction(),
+        macs_fraction=macs_fraction,
         gateable_kept=b,
         decided=trainer.decided,
         seconds=stats["seconds"],
         images_per_s=stats["images_per_s"],
         latency_fraction=None if trainer.mac_counter is None else trainer.budget.total_fraction(b),
+        macs_per_example=per_example,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,23 @@ def make_image_folder(root: Path, classes: int, train: int, val: int, size: int 
                 pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+@contextlib.contextmanager
+def interrupted_after(epochs: int) -> Iterator[None]:
+    """Inside: Trainer.train_one_epoch raises KeyboardInterrupt (Ctrl-C) once `epochs` epochs are done."""
+    from prunekit.trainer import Trainer
+
+    real = Trainer.train_one_epoch
+
+    def train_one_epoch(self: Trainer, *a: object, **k: object) -> dict:
+        if self.epoch >= epochs:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Trainer, "train_one_epoch", train_one_epoch)
+        yield
 
 
 def no_result_on_stdout(stdout: str) -> bool:

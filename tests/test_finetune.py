@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder, message_lines, no_result_on_stdout
+from conftest import interrupted_after, make_image_folder, message_lines, no_result_on_stdout
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typer.testing import CliRunner
@@ -433,23 +433,12 @@ def test_interrupt_then_resume(
     assert again.exit_code == 2 and "no training state to resume" in again.stderr
 
 
-def test_resumed_run_equals_an_uninterrupted_one(
-    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resumed_run_equals_an_uninterrupted_one(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     gated, data = tiny
     config = tiny_config(epochs=2, decide_at=1.0, max_steps_per_epoch=2)
     finetune_stage(gated, str(data), tmp_path / "full.pt", config)
-    real_epoch = Trainer.train_one_epoch
-
-    def interrupted_second(self: Trainer, *a: object, **k: object) -> dict:
-        if self.epoch >= 1:
-            raise KeyboardInterrupt
-        return real_epoch(self, *a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "train_one_epoch", interrupted_second)
-        with pytest.raises(Interrupted):
-            finetune_stage(gated, str(data), tmp_path / "resumed.pt", config)
+    with interrupted_after(1), pytest.raises(Interrupted):
+        finetune_stage(gated, str(data), tmp_path / "resumed.pt", config)
     finetune_stage(gated, str(data), tmp_path / "resumed.pt", config, resume=True)
 
     full, resumed = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "resumed.pt")

@@ -60,13 +60,30 @@ def gate_command(
         typer.Option(min=1, help="Classifier outputs (new head if it differs).", rich_help_panel="Model"),
     ] = None,
     shape: InputShapeOption = None,
-    granularity: Annotated[int, typer.Option(min=1, help="Channels per gate.", rich_help_panel="Gates")] = G[
-        "granularity"
-    ],
+    granularity: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Channels per gate [default: 8; 16 with --dynamic].", rich_help_panel="Gates"
+        ),
+    ] = G["granularity"],
     min_keep: Annotated[
-        float,
-        typer.Option(min=0.0, max=0.95, help="Fraction of each group always kept.", rich_help_panel="Gates"),
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.95,
+            help="Fraction of each group always kept [default: 0.5; 0.25 with --dynamic].",
+            rich_help_panel="Gates",
+        ),
     ] = G["min_keep"],
+    dynamic: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic",
+            help="Input-dependent gates (conditional computation): per residual block, a small gate "
+            "network decides from the block's input which of its internal channels each example uses.",
+            rich_help_panel="Gates",
+        ),
+    ] = G["dynamic"],
     importance: Annotated[
         str,
         typer.Option(
@@ -105,7 +122,7 @@ def gate_command(
         std=numbers(std, "--std"),
         model_args=model_args(model_arg),
     )
-    config = GateConfig(granularity=granularity, min_keep=min_keep, importance=importance)
+    config = GateConfig(granularity=granularity, min_keep=min_keep, importance=importance, dynamic=dynamic)
     result = gate_stage(spec, output, config=config, seed=seed).to_dict() | {"output": str(output)}
     if json_output:
         render.emit_json(result, "gate")
@@ -423,6 +440,15 @@ def slim_command(
         typer.Option("--checkpoint", help="Where to write the slim checkpoint.", rich_help_panel="Export"),
     ] = None,
     source: SourceOption = None,
+    drop_never_on: Annotated[
+        bool,
+        typer.Option(
+            "--drop-never-on",
+            help="Dynamic gates: remove for good the channels no training image of --data turns on "
+            "(changes the output of any input that would).",
+            rich_help_panel="Plan and checks",
+        ),
+    ] = SL["drop_never_on"],
     json_output: JsonOption = False,
 ) -> None:
     """Remove the pruned channels physically, verify the result, export and check ONNX."""
@@ -436,6 +462,7 @@ def slim_command(
         quantize=quantize,
         calibration_batches=calibration_batches,
         max_quantization_drop=max_quantization_drop,
+        drop_never_on=drop_never_on,
     )
     result = slim_stage(
         checkpoint,
@@ -449,6 +476,8 @@ def slim_command(
     ).to_dict()
     if json_output:
         render.emit_json(result, "slim")
+    elif "dynamic" in result:
+        render.render_dynamic_slim(result)
     else:
         render.render_slim(result)
 

@@ -164,6 +164,11 @@ class Progress:
                 f"epoch {m.epoch}: loss {m.loss:.4f} (ce {m.ce:.4f}, act {m.act_loss:.4f}) "
                 f"train {pct(m.train_acc)} "
                 f"val {pct_top5(m.val_acc, m.val_top5)} MACs {m.macs_fraction:.3f}"
+                + (
+                    ""
+                    if m.macs_per_example is None
+                    else " per example (p50 {p50:.3f}, p95 {p95:.3f})".format(**m.macs_per_example)
+                )
                 + ("" if m.latency_fraction is None else f" latency {m.latency_fraction:.3f} (table)")
                 + f"{' decided' if m.decided else ''} "
                 f"[{m.seconds:.0f}s, {m.images_per_s:.0f} img/s]"

@@ -188,6 +188,13 @@ def _checkpoint_rows(summary: _Rows, info: Any) -> None:  # CheckpointInfo
             f"(onnxruntime CPU, batch 1, {lat['threads']} threads)"
             + ("" if measured is None else f"; decided widths measured at {measured:.3f}"),
         )
+    if info.macs_per_example:
+        m = info.macs_per_example
+        summary.add_row(
+            "MACs per example",
+            f"dynamic gates, last validation: mean {m['mean']:.3f}, p50 {m['p50']:.3f}, p95 {m['p95']:.3f}, "
+            f"min {m['min']:.3f}, max {m['max']:.3f}; gate networks {m['gate_nets']:.4f}",
+        )
     if info.baseline_val_acc is not None:
         summary.add_row("Baseline val acc", pct_top5(info.baseline_val_acc, info.baseline_val_top5))
     if info.history:
@@ -271,6 +278,21 @@ def render_analysis(report: AnalysisReport, out: Console | None = None) -> None:
     out.print(f"MACs {human(report.macs)}; {100 * report.prunable_fraction:.1f}% depend on prunable channels")
     for f in graph.frozen:
         out.print(f"frozen: {f.where}: {f.reason}", style="dim")
+    dyn = report.dynamic
+    if dyn is not None:
+        if dyn["blocks"]:
+            groups = sum(len(b["groups"]) for b in dyn["blocks"])
+            out.print(
+                f"gate --dynamic: {groups} group(s) in {len(dyn['blocks'])} residual block(s) get "
+                f"input-dependent gates, each block's decided from its input (read by "
+                f"{dyn['blocks'][0]['reads']}, ...)"
+            )
+        reasons: dict[str, list[str]] = {}
+        for name, why in dyn["static"].items():
+            reasons.setdefault(why, []).append(name)
+        for why, names in reasons.items():
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            out.print(f"static with --dynamic: {', '.join(names[:3])}{more}: {why}", style="dim")
 
 
 def render_gate(result: dict[str, Any], output: str, out: Console | None = None) -> None:
@@ -285,6 +307,13 @@ def render_gate(result: dict[str, Any], output: str, out: Console | None = None)
         f"({result['learnable_gates']} learnable); "
         f"{100 * result['gateable_fraction']:.1f}% of the MACs are gateable"
     )
+    if result.get("gate_kind") == "dynamic":
+        blocks = result["dynamic"]
+        out.print(
+            f"dynamic gates on the internal widths of {len(blocks)} residual blocks, decided per example "
+            f"from each block's input; residual streams are not gated; gate networks "
+            f"{human(result['gate_net_macs'])} MACs ({100 * result['gate_net_fraction']:.2f}% of the model)"
+        )
     out.print(f"wrote {output}")
 
 
@@ -354,6 +383,43 @@ def render_slim(result: dict[str, Any], out: Console | None = None) -> None:
         widths.add_row(w["group"], str(w["before"]), str(w["after"]))
     out.print(widths)
     out.print(MACS_NOTE, style="dim")
+
+
+def render_dynamic_slim(result: dict[str, Any], out: Console | None = None) -> None:
+    """A dynamic model: accuracy, the MACs each example uses (a distribution), the per-example checks
+    and the ONNX file."""
+    out = out or console()
+    d = result["dynamic"]
+    m = d["macs_per_example"]
+    table = Table(title=f"MACs per example ({d['measured_on']}), of the original", title_justify="left")
+    for col in ("mean", "p50", "p95", "min", "max", "gate networks"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{m[k]:.3f}" for k in ("mean", "p50", "p95", "min", "max")), f"{m['gate_nets']:.4f}")
+    out.print(table)
+    acc = result.get("accuracy")
+    if acc:
+        before = (
+            f" (before removing never-on channels {pct(acc['before_removal'])})"
+            if "before_removal" in acc
+            else ""
+        )
+        out.print(f"val accuracy: original {pct(acc.get('original'))}, dynamic {pct(acc['slim'])}{before}")
+    if d["removed_never_on_units"]:
+        out.print(f"removed {d['removed_never_on_units']} channel(s) no calibration image turned on")
+    p = result["parity"]
+    out.print(
+        f"skipping model vs gated, each of {d['checked_examples']} examples alone and together: "
+        f"max |diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.2e}), same channel decisions"
+    )
+    if "onnx" in result:
+        x = result["onnx"]
+        out.print(
+            f"ONNX opset {x['opset']} ({x['exporter']}), gate networks inside: onnxruntime vs PyTorch per "
+            f"example at batch 1 and {x['per_example']['examples']}: max |diff| "
+            f"{x['per_example']['max_abs_diff']:.2e}, same channels selected; wrote {x['path']}"
+        )
+    if d.get("macs_plot"):
+        out.print(f"wrote {d['macs_plot']} (MACs per example: histogram and per class)")
 
 
 def render_shipping(result: dict[str, Any], out: Console) -> None:

@@ -195,6 +195,7 @@ def prepare_finetune(
     half-trained weights)."""
     runtime = runtime or resolve_runtime(config.device)
     bank = _bank(gated, "the checkpoint")
+    check_gate_kind(bank, config)
     if config.batch_size < 2 and any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gated.model.modules()
     ):
@@ -213,7 +214,14 @@ def prepare_finetune(
             gated, bank, timing_model, config, runtime, latency_cache, on_latency_table
         )
     floors = None
-    if config.method == "gumbel" and config.uniform_floor and gated.stage == "gated" and not bank.is_decided:
+    dynamic = bank.kind == "dynamic"
+    if (
+        config.method == "gumbel"
+        and config.uniform_floor
+        and gated.stage == "gated"
+        and not bank.is_decided
+        and not dynamic  # per-example gates have no uniform cut to start from
+    ):
         floors = _raise_floors(bank, objective, budget, config.uniform_floor)
     steps = (
         steps_per_epoch
@@ -246,6 +254,29 @@ def prepare_finetune(
         )
         trainer.measure, trainer.decision_record = measured, latency
     return FinetuneSession(gated, trainer, plain, budget, steps, latency, floors)
+
+
+# FinetuneConfig fields (and the values) that only static gates have a meaning for
+_STATIC_ONLY = {
+    "method": ("magnitude", "--method magnitude"),
+    "allocation": ("uniform", "--allocation uniform"),
+}
+
+
+def check_gate_kind(bank: GateBank, config: FinetuneConfig) -> None:
+    """Options that only one kind of gates has: a one-line error before any work starts."""
+    if bank.kind != "dynamic":
+        return
+    for key, (value, flag) in _STATIC_ONLY.items():
+        if getattr(config, key) == value:
+            raise ConfigError(
+                f"{flag} applies to static gates; this checkpoint has dynamic gates (gate --dynamic)"
+            )
+    if config.target_latency is not None:
+        raise ConfigError(
+            "--target-latency applies to static gates (a per-layer table of fixed widths); give dynamic "
+            "gates a --target-macs (the mean over examples)"
+        )
 
 
 def _raise_floors(bank: GateBank, objective: MacModel, budget: MacBudget, share: float) -> dict[str, Any]:
@@ -343,6 +374,9 @@ def _convert_sync_batchnorm(gated: Checkpoint, bank: GateBank, runtime: Runtime)
 def _within_budget(session: FinetuneSession, m: EpochMetrics) -> bool:
     """The decisions fit the budget: by the table, or, once a latency budget's decided widths were timed
     for real, by that measurement (the table may disagree with it on uneven widths)."""
+    if session.trainer.dynamic:  # the mean cost of the decisions on the batches that calibrated them
+        fraction = session.trainer.calibrated_fraction
+        return m.decided and fraction is not None and session.budget.fits(fraction)
     decision = (session.latency or {}).get("decision")
     if m.decided and decision and decision.get("measured_fraction") is not None:
         return decision["measured_fraction"] <= session.budget.target_fraction

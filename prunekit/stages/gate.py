@@ -15,6 +15,7 @@ from torch import nn
 
 from prunekit.checkpoint import Checkpoint, save_checkpoint
 from prunekit.config import GateConfig, ModelSpec
+from prunekit.dynamic import check_block_order, dynamic_bank, dynamic_summary
 from prunekit.errors import ConfigError
 from prunekit.fileio import check_writable
 from prunekit.gates import GateBank, insert_gates_, make_layout, ungated_copy
@@ -82,6 +83,8 @@ class GateResult:
             "gateable_macs": self.gateable_macs,
             "gateable_fraction": self.gateable_macs / max(1, self.original.macs),
             "frozen": [{"where": f.where, "reason": f.reason} for f in self.frozen],
+            "gate_kind": bank.kind,
+            **(dynamic_summary(bank, self.graph, self.original.macs) if bank.kind == "dynamic" else {}),
         }
 
 
@@ -108,8 +111,14 @@ def gate(
     mac_report = count_macs(model, x)
     original = OriginalSize(mac_report.total_macs, mac_report.params)
     graph = analyze(model, x)
-    layout = make_layout(graph, config, IMPORTANCE[config.importance](model, graph))
-    insert_gates_(model, graph, GateBank(layout, config))
+    importance = IMPORTANCE[config.importance](model, graph)
+    if config.dynamic:
+        bank: GateBank = dynamic_bank(model, graph, config, importance, spec.name or type(model).__name__)
+    else:
+        bank = GateBank(make_layout(graph, config, importance), config)
+    insert_gates_(model, graph, bank)
+    if config.dynamic:
+        check_block_order(model, graph, bank, x)  # type: ignore[arg-type]
     model.to(device)
     checkpoint = Checkpoint(spec, model, graph, "gated", extra={"original": original.to_dict()})
     return GateResult(checkpoint, original, int(MacModel(graph).gateable_macs), tuple(graph.frozen))

@@ -60,6 +60,8 @@ class CheckpointInfo:
     baseline_val_acc: float | None  # top-1 of the model before gating, as fine-tuning measured it
     baseline_val_top5: float | None = None  # None also for checkpoints from before top-5 was measured
     target_latency: dict[str, Any] | None = None  # a latency budget: target, target_ms, decision, ...
+    gate_kind: str | None = None  # "static" or "dynamic" (None: no gates)
+    macs_per_example: dict[str, float] | None = None  # dynamic gates: the last validation's distribution
 
 
 def report_target(
@@ -110,7 +112,9 @@ def _checkpoint_info(ckpt: Any) -> CheckpointInfo:
 
     bank = get_gates(ckpt.model)
     decided_macs = decided_params = None
-    if bank is not None:
+    if bank is not None and bank.kind == "dynamic":  # no single decided architecture: per example
+        remove_gates_(ckpt.model)
+    elif bank is not None:
         plan = plan_from_gates(ckpt.graph, bank)
         slimmed = slim_(ungated_copy(ckpt.model), ckpt.graph, plan)
         counted = count_macs(slimmed, ckpt.spec.example_input())
@@ -132,6 +136,10 @@ def _checkpoint_info(ckpt: Any) -> CheckpointInfo:
         baseline_val_acc=(extra.get("baseline") or {}).get("val_acc"),
         baseline_val_top5=(extra.get("baseline") or {}).get("val_top5"),
         target_latency=extra.get("latency_budget"),
+        gate_kind=None if bank is None else bank.kind,
+        macs_per_example=next(
+            (h["macs_per_example"] for h in reversed(ckpt.history) if h.get("macs_per_example")), None
+        ),
     )
 
 
@@ -198,6 +206,7 @@ class AnalysisReport:
     model: str
     macs: int
     graph: Any  # ChannelGraph
+    dynamic: dict[str, Any] | None = None  # where `gate --dynamic` would put gates, and why not elsewhere
 
     @property
     def prunable_fraction(self) -> float:
@@ -208,18 +217,22 @@ class AnalysisReport:
             "model": self.model,
             "macs": self.macs,
             "prunable_fraction": self.prunable_fraction,
+            "dynamic": self.dynamic,
         }
 
 
 def analyze_model(spec: ModelSpec) -> AnalysisReport:
     """Load the model `spec` names (weights as given, else random) and analyse its channel groups."""
+    from prunekit.dynamic import find_dynamic_blocks
     from prunekit.graph import analyze
     from prunekit.models import check_runs, load_model
 
     model, full = load_model(spec)
     check_runs(model, full)
     x = full.example_input()
-    return AnalysisReport(full.name, count_macs(model, x).total_macs, analyze(model, x))
+    graph = analyze(model, x)
+    placement = find_dynamic_blocks(model, graph).to_dict(graph)
+    return AnalysisReport(full.name, count_macs(model, x).total_macs, graph, placement)
 
 
 __all__ = ["AnalysisReport", "TargetReport", "analyze_model", "report_target"]

@@ -108,8 +108,20 @@ def run_pipeline(
     # the data is checked against the model before any stage writes a file
     loaders = data_loaders(config.data, spec, config.finetune, runtime, "[model] num_classes =")
     # quantisation calibrates on the training images without augmentation, checked before training
-    plain = plain_loaders(config.data, spec) if config.slim.quantize_modes else None
+    dynamic = config.gates.dynamic
+    if dynamic:  # what the slim stage of a dynamic model refuses, refused before training
+        from prunekit.stages.slim_dynamic import check_dynamic_options
+
+        check_dynamic_options(config.slim, None, None)
+    elif config.slim.drop_never_on:
+        raise ConfigError("[slim] drop_never_on applies to dynamic gates: set [gates] dynamic = true")
+    needs_plain = config.slim.quantize_modes or (dynamic and config.slim.drop_never_on)
+    plain = plain_loaders(config.data, spec) if needs_plain else None
     calibration = calibration_batches(plain, config.slim)
+    if dynamic and config.slim.drop_never_on:
+        from prunekit.quantize import calibration_inputs
+
+        calibration = calibration_inputs(plain.train.dataset, config.slim.calibration_batches)
     clear_previous_run(files)  # everything is validated: from here on the directory is this run's
     done: dict[str, Any] = {}
     stage = "gate"
@@ -134,16 +146,29 @@ def run_pipeline(
         on_stage("finetune", tuned)
 
         stage = "slim"
-        slimmed = slim(tuned, val_loader=loaders.val, data=config.data, rtol=config.slim.rtol)
-        slimmed.source = str(files["tuned"])
-        write_slim(
-            slimmed,
-            outputs,
-            config.slim,
-            reference=tuned.checkpoint,
-            val_loader=loaders.val,
-            calibration=calibration,
-        )
+        if dynamic:  # the skipping model, shipped as ONNX only (prunekit.stages.slim_dynamic)
+            from prunekit.stages.slim_dynamic import slim_dynamic, write_dynamic
+
+            slimmed = slim_dynamic(
+                tuned.checkpoint,
+                val_loader=loaders.val,
+                data=config.data,
+                rtol=config.slim.rtol,
+                calibration=None if calibration is None else [torch.from_numpy(b) for b in calibration],
+            )
+            slimmed.source = str(files["tuned"])
+            write_dynamic(slimmed, outputs.onnx, config.slim)  # type: ignore[arg-type]
+        else:
+            slimmed = slim(tuned, val_loader=loaders.val, data=config.data, rtol=config.slim.rtol)
+            slimmed.source = str(files["tuned"])
+            write_slim(
+                slimmed,
+                outputs,
+                config.slim,
+                reference=tuned.checkpoint,
+                val_loader=loaders.val,
+                calibration=calibration,
+            )
         done["slim"] = slimmed.to_dict()
         on_stage("slim", slimmed)
 

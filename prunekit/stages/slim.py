@@ -114,6 +114,12 @@ def slim(
     The source is not changed."""
     ckpt = _as_checkpoint(source)
     graph, spec = ckpt.graph, ckpt.spec
+    if ckpt.gates is not None and ckpt.gates.kind == "dynamic":  # per-example channels: no one plan
+        from prunekit.stages.slim_dynamic import slim_dynamic
+
+        if plan is not None:
+            raise ConfigError("a plan applies to static gates; this model has dynamic gates")
+        return slim_dynamic(ckpt, val_loader=val_loader, data=data, rtol=rtol)  # type: ignore[return-value]
     gated = get_gates(ckpt.model) is not None
     plan_given = plan is not None
     if plan is not None:
@@ -201,7 +207,11 @@ def export_onnx(
     """Export a SlimResult's model (or any model, given `input_shape`) to a checked ONNX file with
     onnxruntime parity verified; returns prunekit.export.ExportResult."""
     from prunekit.export import export_onnx as _export
+    from prunekit.stages.slim_dynamic import DynamicSlimResult, write_dynamic
 
+    if isinstance(target, DynamicSlimResult):  # the gate networks inside, checked per example
+        write_dynamic(target, Path(path), SlimConfig(opset=opset, rtol=rtol))
+        return target.onnx
     if isinstance(target, SlimResult):
         model, input_shape = target.model, input_shape or target.spec.input_shape
     else:
@@ -280,6 +290,13 @@ def slim_stage(
     checkpoint, the ONNX file (unless config.export is "none") and the plan. `model_source`: the model
     source the user names, for checkpoints of a model of one's own."""
     config = config or SlimConfig()
+    if Path(source).is_file():  # a dynamic model writes only the ONNX file: known once it is loaded
+        ckpt = load_checkpoint(source, source=model_source)
+        if ckpt.gates is not None and ckpt.gates.kind == "dynamic" and ckpt.stage != "slim":
+            if Path(os.path.abspath(out)) == Path(os.path.abspath(source)):
+                raise ConfigError(f"the ONNX output would overwrite the input {source}")
+            check_writable(out)
+            return _slim_stage_dynamic(ckpt, source, out, config, plan_file, data, checkpoint_out)  # type: ignore[return-value]
     outputs = SlimOutputs.for_output(out, config, checkpoint_out, plan_out)
     for role, path in outputs.files().items():  # the input is never overwritten by an output
         if Path(source).exists() and os.path.abspath(path) == os.path.abspath(source):
@@ -293,6 +310,8 @@ def slim_stage(
     ckpt = load_checkpoint(source, source=model_source)
     if ckpt.stage == "slim":
         raise CheckpointError(f"{source} is already slimmed")
+    if config.drop_never_on:
+        raise ConfigError(f"--drop-never-on applies to dynamic gates; {source} has static gates")
     if plan_file is None and ckpt.gates is None:
         raise CheckpointError(
             f"{source} has no gates: run `prunekit finetune` first, or pass --plan PLAN.json"
@@ -307,6 +326,41 @@ def slim_stage(
         result.plan_source = str(plan_file)
     write_slim(result, outputs, config, reference=ckpt, val_loader=val, calibration=calibration)
     quantization_gate(result, config)
+    return result
+
+
+def _slim_stage_dynamic(
+    ckpt: Checkpoint,
+    source: Path,
+    out: Path,
+    config: SlimConfig,
+    plan_file: Path | None,
+    data: str | None,
+    checkpoint_out: Path | None,
+) -> Any:
+    """The slim stage of a dynamic checkpoint (prunekit.stages.slim_dynamic): the ONNX file only."""
+    from prunekit.stages.slim_dynamic import check_dynamic_options, slim_dynamic, write_dynamic
+
+    check_dynamic_options(config, plan_file, checkpoint_out)
+    if config.drop_never_on and data is None:
+        raise ConfigError("--drop-never-on needs --data: the channels are those no training image turns on")
+    loaders = data_loaders(data, ckpt.spec)
+    calibration = None
+    if config.drop_never_on:
+        from prunekit.quantize import calibration_inputs
+
+        calibration = [
+            torch.from_numpy(b) for b in calibration_inputs(loaders.train.dataset, config.calibration_batches)
+        ]
+    result = slim_dynamic(
+        ckpt,
+        val_loader=None if loaders is None else loaders.val,
+        calibration=calibration,
+        data=data,
+        rtol=config.rtol,
+    )
+    result.source = str(source)
+    write_dynamic(result, out, config)
     return result
 
 
