@@ -150,7 +150,11 @@ def find_dynamic_blocks(model: nn.Module, graph: ChannelGraph) -> Placement:
             (
                 u
                 for u in x.users
-                if u.op == "call_module" and u.args and u.args[0] is x and str(u.target) in slices
+                if u.op == "call_module"
+                and u.args
+                and u.args[0] is x
+                and str(u.target) in slices
+                and str(u.target) in modules  # this block's own layer, not a later block's
             ),
             key=order.__getitem__,
         )
@@ -172,10 +176,16 @@ def find_dynamic_blocks(model: nn.Module, graph: ChannelGraph) -> Placement:
             claimed.update(groups)
             blocks.append(DynamicBlock(str(add.name), reader, tuple(slices[reader].in_units), tuple(groups)))
     blocks.sort(key=lambda b: order[next(n for n in gm.graph.nodes if n.name == b.name)])
+    # a group an inner block could not take may belong to an outer one: then it is not static
+    static = {name: why for name, why in static.items() if _group_index(graph, name) not in claimed}
     for g in graph.groups:
         if g.index not in claimed and g.name not in static:
             static[g.name] = "shared across blocks (a residual stream or outside any residual block)"
     return Placement(tuple(blocks), static)
+
+
+def _group_index(graph: ChannelGraph, name: str) -> int:
+    return next(g.index for g in graph.groups if g.name == name)
 
 
 def _not_sliceable(
@@ -418,16 +428,6 @@ class _BlockGates:
         self.bank.set_block(self.index, self.bank.block_values(self.index, args[0]))
 
 
-__all__ = [
-    "DynamicBlock",
-    "DynamicGateBank",
-    "GateNet",
-    "Placement",
-    "dynamic_layout",
-    "find_dynamic_blocks",
-]
-
-
 def dynamic_bank(
     model: nn.Module, graph: ChannelGraph, config: GateConfig, importance: Sequence[float] | None, name: str
 ) -> DynamicGateBank:
@@ -499,6 +499,17 @@ def dynamic_summary(bank: GateBank, graph: ChannelGraph, total_macs: int) -> dic
     }
 
 
+def gated_macs(graph: ChannelGraph, layout: GateLayout) -> int:
+    """MACs of the layers whose cost depends on a unit that has a gate (with dynamic gates, the blocks'
+    internal layers: the residual streams have none)."""
+    gated = [g >= 0 for g in layout.unit_gate]
+
+    def has_gate(units: tuple[int, ...]) -> bool:
+        return any(u >= 0 and gated[u] for u in units)
+
+    return int(sum(t.macs() for t in graph.mac_terms if has_gate((*t.in_units, *t.out_units, *t.units))))
+
+
 def mac_stats(fractions: Sequence[float], gate_nets: float) -> dict[str, float]:
     """Per-example MACs (fractions of the original model's) summarised: mean, p50, p95, min, max, and
     the gate networks' own share, counted separately (`with_gate_nets`: the mean plus it)."""
@@ -513,3 +524,18 @@ def mac_stats(fractions: Sequence[float], gate_nets: float) -> dict[str, float]:
         "with_gate_nets": float(t.mean()) + gate_nets,
         "examples": int(t.numel()),
     }
+
+
+__all__ = [
+    "DynamicBlock",
+    "DynamicGateBank",
+    "GateNet",
+    "Placement",
+    "check_block_order",
+    "dynamic_bank",
+    "dynamic_layout",
+    "dynamic_summary",
+    "find_dynamic_blocks",
+    "gated_macs",
+    "mac_stats",
+]

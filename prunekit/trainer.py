@@ -73,6 +73,9 @@ class EpochMetrics:
     # dynamic gates: the distribution of the whole model's MACs fraction over the validation examples
     # (prunekit.dynamic.mac_stats); macs_fraction and gateable_kept are then its means
     macs_per_example: dict[str, float] | None = None
+    # dynamic gates: the mean gateable-MACs fraction of the decisions on the calibration batches, the
+    # one the budget is checked against (validation examples may use a little more or less)
+    calibrated_fraction: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -652,6 +655,7 @@ def _one_epoch(trainer: Trainer, train_loader: Any, val_loader: Any, on_step: An
         images_per_s=stats["images_per_s"],
         latency_fraction=None if trainer.mac_counter is None else trainer.budget.total_fraction(b),
         macs_per_example=per_example,
+        calibrated_fraction=trainer.calibrated_fraction,
     )
 
 

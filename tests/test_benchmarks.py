@@ -74,6 +74,24 @@ def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
     assert "prunekit/plain" in proc.stdout
 
 
+def test_dynamic_benchmark_smoke(tmp_path: Path) -> None:
+    out, plot = tmp_path / "dynamic.json", tmp_path / "dynamic.png"
+    args = ["--data", "builtin", "--weights", "none", "--epochs", "1", "--max-steps-per-epoch", "2"]
+    args += ["--batch-size", "16", "--workers", "0", "--latency-examples", "3", "--rounds", "1"]
+    args += ["--latency-sizes", "32,48", "--out", str(out), "--plot", str(plot)]
+    proc = _script("dynamic.py", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    run = result["runs"][0]
+    assert set(run["latency"]) == {"32", "48"}
+    for cell in run["latency"].values():
+        assert set(cell["ms"]) == {"dense", "static", "dynamic"} and all(v > 0 for v in cell["ms"].values())
+        assert len(cell["scatter"]["macs_fraction"]) == len(cell["scatter"]["ms"]) == 3
+        assert cell["speedup_over_reduction"] == cell["dynamic_speedup"] / cell["dynamic_mac_reduction"]
+    assert run["dynamic_check"]["max_abs_diff"] <= 1e-4 * max(1.0, run["dynamic_check"]["output_scale"])
+    assert plot.is_file() and "dynamic speedup" in proc.stdout
+
+
 def _result(command: str, runs: list[dict]) -> dict:
     return {
         "command": command,

@@ -116,6 +116,8 @@ def test_dynamic_defaults_and_gate_network_cost() -> None:
     m = torchvision.models.resnet18(num_classes=10).eval()
     d = gate(m, input_shape=SHAPE, config=GateConfig(dynamic=True)).to_dict()
     assert d["gate_kind"] == "dynamic" and len(d["dynamic"]) == 8
+    # the stem, the downsampling shortcuts and the head read no gated channel
+    assert 0.5 < d["gateable_fraction"] < 0.95
     # one Linear(C_in, 16) + Linear(16, 2) per learnable gate, counted exactly
     bank = gate(
         torchvision.models.resnet18(num_classes=10).eval(), input_shape=SHAPE, config=GateConfig(dynamic=True)
@@ -152,7 +154,7 @@ def test_training_samples_per_example_and_calibrates_the_budget(trained) -> None
     # the calibration batches are the (unshuffled order of the) training data here: the offset makes
     # their mean fit, and the validation examples (the same images) land within a few percent
     assert abs(stats["mean"] - 0.5) < 0.05
-    assert last["within_budget"] is True
+    assert last["within_budget"] is True and last["calibrated_fraction"] <= 0.5 + 1e-9
 
 
 def test_checkpoint_round_trip_keeps_decisions_and_outputs(trained, tmp_path: Path) -> None:  # noqa: ANN001
@@ -387,3 +389,14 @@ def test_run_with_dynamic_gates_end_to_end(cli_files: dict[str, Path], tmp_path:
     stats = report["slim"]["dynamic"]["macs_per_example"]
     assert report["summary"]["macs_ratio"] == pytest.approx(stats["mean"])
     assert report["slim"]["onnx"]["per_example"]["batch_sizes"][0] == 1
+
+
+def test_python_api_slim_and_export(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    import prunekit
+
+    _, val = _loaders()
+    result = prunekit.slim(trained, val_loader=val)
+    assert isinstance(result, prunekit.DynamicSlimResult)
+    assert result.accuracy is not None and result.macs["examples"] == 64
+    report = prunekit.export_onnx(result, tmp_path / "model.onnx")
+    assert report["per_example"]["batch_sizes"][0] == 1 and (tmp_path / "model.onnx").is_file()

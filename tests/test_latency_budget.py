@@ -323,8 +323,8 @@ def test_within_budget_follows_the_measured_decision() -> None:
     over_by_table = SimpleNamespace(target_fraction=0.5, fits=lambda kept: False)
     measured = {"decision": {"measured_fraction": 0.49}}
     decided, undecided = (
-        SimpleNamespace(decided=True, gateable_kept=0.6),
-        SimpleNamespace(decided=False, gateable_kept=0.6),
+        SimpleNamespace(decided=True, gateable_kept=0.6, macs_per_example=None),
+        SimpleNamespace(decided=False, gateable_kept=0.6, macs_per_example=None),
     )
     assert _within_budget(SimpleNamespace(latency=measured, budget=over_by_table), decided) is True
     assert _within_budget(SimpleNamespace(latency=measured, budget=over_by_table), undecided) is False

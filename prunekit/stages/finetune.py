@@ -374,9 +374,8 @@ def _convert_sync_batchnorm(gated: Checkpoint, bank: GateBank, runtime: Runtime)
 def _within_budget(session: FinetuneSession, m: EpochMetrics) -> bool:
     """The decisions fit the budget: by the table, or, once a latency budget's decided widths were timed
     for real, by that measurement (the table may disagree with it on uneven widths)."""
-    if session.trainer.dynamic:  # the mean cost of the decisions on the batches that calibrated them
-        fraction = session.trainer.calibrated_fraction
-        return m.decided and fraction is not None and session.budget.fits(fraction)
+    if m.macs_per_example is not None:  # dynamic gates: the mean cost on the calibration batches
+        return m.decided and m.calibrated_fraction is not None and session.budget.fits(m.calibrated_fraction)
     decision = (session.latency or {}).get("decision")
     if m.decided and decision and decision.get("measured_fraction") is not None:
         return decision["measured_fraction"] <= session.budget.target_fraction

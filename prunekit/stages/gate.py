@@ -15,7 +15,7 @@ from torch import nn
 
 from prunekit.checkpoint import Checkpoint, save_checkpoint
 from prunekit.config import GateConfig, ModelSpec
-from prunekit.dynamic import check_block_order, dynamic_bank, dynamic_summary
+from prunekit.dynamic import check_block_order, dynamic_bank, dynamic_summary, gated_macs
 from prunekit.errors import ConfigError
 from prunekit.fileio import check_writable
 from prunekit.gates import GateBank, insert_gates_, make_layout, ungated_copy
@@ -121,7 +121,8 @@ def gate(
         check_block_order(model, graph, bank, x)  # type: ignore[arg-type]
     model.to(device)
     checkpoint = Checkpoint(spec, model, graph, "gated", extra={"original": original.to_dict()})
-    return GateResult(checkpoint, original, int(MacModel(graph).gateable_macs), tuple(graph.frozen))
+    gateable = gated_macs(graph, bank.layout) if config.dynamic else int(MacModel(graph).gateable_macs)
+    return GateResult(checkpoint, original, gateable, tuple(graph.frozen))
 
 
 def original_size(ckpt: Checkpoint) -> OriginalSize:

@@ -155,6 +155,7 @@ def run_pipeline(
                 data=config.data,
                 rtol=config.slim.rtol,
                 calibration=None if calibration is None else [torch.from_numpy(b) for b in calibration],
+                classes=list(loaders.classes),
             )
             slimmed.source = str(files["tuned"])
             write_dynamic(slimmed, outputs.onnx, config.slim)  # type: ignore[arg-type]

@@ -358,6 +358,7 @@ def _slim_stage_dynamic(
         calibration=calibration,
         data=data,
         rtol=config.rtol,
+        classes=None if loaders is None else list(loaders.classes),
     )
     result.source = str(source)
     write_dynamic(result, out, config)

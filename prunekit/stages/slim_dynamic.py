@@ -112,6 +112,7 @@ def slim_dynamic(
     calibration: list[torch.Tensor] | None = None,
     data: str | None = None,
     rtol: float = 1e-4,
+    classes: list[str] | None = None,
 ) -> DynamicSlimResult:
     """The skipping model of a decided dynamic checkpoint, verified; `calibration`: batches whose
     never-on channels are removed for good (None: nothing removed)."""
@@ -173,7 +174,7 @@ def slim_dynamic(
         inputs=inputs.cpu(),
         fractions=list(fractions),  # type: ignore[arg-type]
         labels=labels,
-        classes=list(getattr(getattr(val_loader, "dataset", None), "classes", None) or []),
+        classes=list(classes or []),
     )
 
 
