@@ -92,6 +92,16 @@ def test_dynamic_benchmark_smoke(tmp_path: Path) -> None:
     assert plot.is_file() and "dynamic speedup" in proc.stdout
 
 
+def test_dynamic_diagnostic_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "diagnostic.json"
+    args = ["--data", "builtin", "--weights", "none", "--epochs", "1", "--max-steps-per-epoch", "2"]
+    args += ["--batch-size", "16", "--workers", "0", "--out", str(out)]
+    proc = _script("dynamic_diagnostic.py", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert 0 <= result["top1"] <= 1 and result["macs"] <= 0.5 + 0.01
+
+
 def _result(command: str, runs: list[dict]) -> dict:
     return {
         "command": command,

@@ -290,8 +290,9 @@ def slim_stage(
     checkpoint, the ONNX file (unless config.export is "none") and the plan. `model_source`: the model
     source the user names, for checkpoints of a model of one's own."""
     config = config or SlimConfig()
+    loaded = None
     if Path(source).is_file():  # a dynamic model writes only the ONNX file: known once it is loaded
-        ckpt = load_checkpoint(source, source=model_source)
+        ckpt = loaded = load_checkpoint(source, source=model_source)
         if ckpt.gates is not None and ckpt.gates.kind == "dynamic" and ckpt.stage != "slim":
             if Path(os.path.abspath(out)) == Path(os.path.abspath(source)):
                 raise ConfigError(f"the ONNX output would overwrite the input {source}")
@@ -307,7 +308,7 @@ def slim_stage(
         raise ConfigError(
             f"--quantize {modes} needs --data: the calibration images and the accuracy check come from it"
         )
-    ckpt = load_checkpoint(source, source=model_source)
+    ckpt = loaded or load_checkpoint(source, source=model_source)
     if ckpt.stage == "slim":
         raise CheckpointError(f"{source} is already slimmed")
     if config.drop_never_on:
