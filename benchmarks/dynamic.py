@@ -38,10 +38,9 @@ from prunekit.objective import MacModel
 from prunekit.trainer import evaluate
 
 
-def train(model, spec, loaders, dynamic: bool, seed: int, args: argparse.Namespace) -> Any:  # noqa: ANN001
-    torch.manual_seed(seed)
-    gated = prunekit.gate(copy.deepcopy(model), spec=spec, config=GateConfig(dynamic=dynamic))
-    config = FinetuneConfig(
+def finetune_config(args: argparse.Namespace, seed: int) -> FinetuneConfig:
+    """The one recipe every method of this benchmark (and of dynamic_diagnostic.py) fine-tunes with."""
+    return FinetuneConfig(
         target_macs=args.target,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -51,7 +50,12 @@ def train(model, spec, loaders, dynamic: bool, seed: int, args: argparse.Namespa
         workers=args.workers,
         max_steps_per_epoch=args.max_steps_per_epoch,
     )
-    return prunekit.finetune(gated, loaders.train, loaders.val, config=config)
+
+
+def train(model, spec, loaders, dynamic: bool, seed: int, args: argparse.Namespace) -> Any:  # noqa: ANN001
+    torch.manual_seed(seed)
+    gated = prunekit.gate(copy.deepcopy(model), spec=spec, config=GateConfig(dynamic=dynamic))
+    return prunekit.finetune(gated, loaders.train, loaders.val, config=finetune_config(args, seed))
 
 
 def example_fractions(tuned: Any, xs: list[torch.Tensor]) -> list[float]:

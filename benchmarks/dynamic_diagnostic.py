@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from dynamic import finetune_config  # this folder's dynamic benchmark: the same recipe
 from peers import WEIGHTS, fixture  # the accuracy benchmark's fixture (this folder)
 
 import prunekit
-from prunekit.config import FinetuneConfig, GateConfig
+from prunekit.config import GateConfig
 from prunekit.dynamic import find_dynamic_blocks
 from prunekit.gates import GateLayout, ungated_copy
 from prunekit.measure import count_macs
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=float, default=0.5)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--distill", type=float, default=0.7)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     ap.add_argument("--out", type=Path, default=None)
@@ -52,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     bank.layout = GateLayout(bank.layout.unit_gate, bank.layout.gate_group, tuple(fixed))
     bank.fixed_on.copy_(torch.tensor(fixed))
-    config = FinetuneConfig(
-        target_macs=args.target,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        workers=args.workers,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-    )
+    config = finetune_config(args, args.seed)  # the recipe of benchmarks/dynamic.py
     tuned = prunekit.finetune(gated, loaders.train, loaders.val, config=config)
     slim = prunekit.slim(tuned).model
     result = {

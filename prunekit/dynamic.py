@@ -30,6 +30,7 @@ from prunekit.errors import ConfigError
 from prunekit.gates import GateBank, GateLayout, sample_gates
 from prunekit.graph import ChannelGraph, trace
 from prunekit.masking import with_ones
+from prunekit.modes import training_flags
 
 HIDDEN = 16  # hidden units per gate (the paper's)
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -338,10 +339,9 @@ class DynamicGateBank(GateBank):
             model.get_submodule(b.reader).register_forward_pre_hook(_BlockGates(self, i))
 
     # -- per block --------------------------------------------------------------------------------
-    def block_logits(self, i: int, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
-        """(N, G_i, 2) logits of block i's gates for its input x (or its pooled (N, C) form), the
-        decision offset applied."""
-        logits = self.nets[i].head(x) if pooled else self.nets[i](x)
+    def block_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """(N, G_i, 2) logits of block i's gates for its input x, the decision offset applied."""
+        logits = self.nets[i](x)
         shift = torch.stack([torch.zeros_like(self.offset), self.offset]).to(logits.dtype)
         return logits + shift
 
@@ -474,10 +474,9 @@ def check_block_order(model: nn.Module, graph: ChannelGraph, bank: DynamicGateBa
             )
         )
     try:
-        was = model.training
-        model.eval()
-        model(x[:1])
-        model.train(was)
+        with training_flags(model):
+            model.eval()
+            model(x[:1])
     finally:
         for h in handles:
             h.remove()
@@ -490,10 +489,9 @@ def check_block_order(model: nn.Module, graph: ChannelGraph, bank: DynamicGateBa
 def dynamic_summary(bank: GateBank, graph: ChannelGraph, total_macs: int) -> dict[str, Any]:
     """What `gate` reports for dynamic gates: the blocks, what stays static, the gate networks' cost."""
     assert isinstance(bank, DynamicGateBank)
-    placement = Placement(bank.blocks, {})
     macs = bank.gate_net_macs()
     return {
-        "dynamic": placement.to_dict(graph)["blocks"],
+        "dynamic": Placement(bank.blocks, {}).to_dict(graph)["blocks"],
         "gate_net_macs": macs,
         "gate_net_fraction": macs / max(1, total_macs),
     }

@@ -26,6 +26,7 @@ from prunekit.dynamic import DynamicGateBank
 from prunekit.errors import ConfigError
 from prunekit.gates import get_gates, ungated_copy
 from prunekit.graph import ChannelGraph
+from prunekit.modes import training_flags
 from prunekit.surgery import _set_submodule
 
 
@@ -165,12 +166,18 @@ class DynamicModel(nn.Module):
     """The inference model of dynamic gates; `last_selection()` gives the last batch's per-group
     channel values (for checks against the gated model)."""
 
-    def __init__(self, model: nn.Module, selection: _Selection, groups: dict[int, list[int]]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        selection: _Selection,
+        groups: dict[int, list[int]],
+        removed: dict[int, list[int]],
+    ) -> None:
         super().__init__()
         self.model = model
         self.selection = selection
         self.group_units = groups  # group -> its unit ids in channel order (those kept)
-        self.removed: dict[int, list[int]] = {g: [] for g in groups}  # group -> units removed for good
+        self.removed = removed  # group -> its units removed for good (never on)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.selection.index.clear()
@@ -263,9 +270,8 @@ def dynamic_inference_model(
         wrapped[b.reader] = DecidingReader(inner, nets[i], offset, fixed, channel_gates, selection)
     for name, module in wrapped.items():
         _set_submodule(plain, name, module)
-    result = DynamicModel(plain, selection, group_units)
-    result.removed = {g: [u for u in all_units[g] if u in drop] for g in group_units}
-    return result.eval()
+    removed = {g: [u for u in all_units[g] if u in drop] for g in group_units}
+    return DynamicModel(plain, selection, group_units, removed).eval()
 
 
 def _positions(units: list[int], kept: list[int]) -> torch.Tensor:
@@ -365,15 +371,12 @@ def never_on(model: nn.Module, batches: Any) -> set[int]:
     bank = get_gates(model)
     assert isinstance(bank, DynamicGateBank)
     ever = None
-    was = model.training
-    model.eval()
-    try:
+    with training_flags(model):
+        model.eval()
         for x in batches:
             model(x)
             on = bank.current.amax(0) > 0  # type: ignore[union-attr]
             ever = on if ever is None else ever | on
-    finally:
-        model.train(was)
     if ever is None:
         raise ConfigError("no calibration examples to find channels that are never on")
     gated = torch.tensor(bank.layout.unit_gate) >= 0

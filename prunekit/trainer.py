@@ -295,12 +295,17 @@ class Trainer:
         if len(hashes) > 1:  # the logits are kept in sync by the gradient all-reduce; never decide apart
             raise TrainingError(f"the processes reached different gate decisions ({sorted(hashes)})")
         bank.fix_(final)  # deterministic gates from here on, in train mode too
-        bank.requires_grad_(False)  # the logits no longer take part: no gradient, no optimiser step
-        for p in self._frozen:  # a frozen gate phase ends: the weights train from here
+        # with a graph, the next step wraps the slimmed model instead
+        self._after_decision(rewrap=self.graph is None)
+
+    def _after_decision(self, rewrap: bool) -> None:
+        """What every decision ends with: the gates take no gradient and no optimiser step, a frozen
+        gate phase gives the weights back their gradients, and (`rewrap`) DDP wraps the model again,
+        since it tracks the parameters that required gradients when it wrapped."""
+        self.bank.requires_grad_(False)
+        for p in self._frozen:
             p.requires_grad_(True)
-        # DDP tracks the parameters that required gradients when it wrapped; with a graph, the next
-        # step wraps the slimmed model instead
-        if self.runtime.distributed and self.graph is None:
+        if self.runtime.distributed and rewrap:
             self.train_model = None  # type: ignore[assignment]  # release the old wrapper's reducer first
             self.train_model = self.runtime.wrap(self.model)
 
@@ -308,14 +313,8 @@ class Trainer:
     def _decide_dynamic(self) -> None:
         """Dynamic gates: deterministic per-example decisions from here on, the gate networks frozen
         (their BatchNorm statistics too), and the decision offset calibrated."""
-        bank = self.bank
-        bank.fix_()
-        bank.requires_grad_(False)
-        for p in self._frozen:
-            p.requires_grad_(True)
-        if self.runtime.distributed:
-            self.train_model = None  # type: ignore[assignment]
-            self.train_model = self.runtime.wrap(self.model)
+        self.bank.fix_()
+        self._after_decision(rewrap=True)  # no slimmed twin: the gated model keeps training
         self.calibrate_dynamic(self._train_loader)
 
     @torch.no_grad()

@@ -74,6 +74,25 @@ def interrupted_after(epochs: int) -> Iterator[None]:
         yield
 
 
+def assert_resume_is_exact(
+    gated: Path, data: Path, config: object, tmp_path: Path, interrupt_after: int
+) -> None:
+    """Fine-tune `gated` straight through, and again stopped by Ctrl-C after `interrupt_after` epochs and
+    resumed: the same losses, and bit-identical weights (gates included) at the end."""
+    from prunekit.checkpoint import load_checkpoint
+    from prunekit.errors import Interrupted
+    from prunekit.stages.finetune import finetune_stage
+
+    finetune_stage(gated, str(data), tmp_path / "full.pt", config)  # type: ignore[arg-type]
+    with interrupted_after(interrupt_after), pytest.raises(Interrupted):
+        finetune_stage(gated, str(data), tmp_path / "resumed.pt", config)  # type: ignore[arg-type]
+    finetune_stage(gated, str(data), tmp_path / "resumed.pt", config, resume=True)  # type: ignore[arg-type]
+    full, resumed = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "resumed.pt")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same batches, the same samples
+
+
 def no_result_on_stdout(stdout: str) -> bool:
     """A failed command printed no result: nothing, or (with --json) only its error document."""
     import json

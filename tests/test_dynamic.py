@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import interrupted_after, make_image_folder, message_lines, randomize
+from conftest import assert_resume_is_exact, make_image_folder, message_lines, randomize
 from typer.testing import CliRunner
 
 from prunekit.checkpoint import load_checkpoint, save_checkpoint
@@ -21,7 +21,7 @@ from prunekit.errors import ConfigError, VerificationError
 from prunekit.export import export_onnx
 from prunekit.graph import analyze
 from prunekit.schema import validate
-from prunekit.stages.finetune import finetune, finetune_stage
+from prunekit.stages.finetune import finetune
 from prunekit.stages.gate import gate, gate_stage
 
 SHAPE = (3, 32, 32)
@@ -114,14 +114,13 @@ def test_dynamic_defaults_and_gate_network_cost() -> None:
     assert GateConfig(dynamic=True).min_keep == 0.25 and GateConfig(dynamic=True).granularity == 16
     assert GateConfig().min_keep == 0.5 and GateConfig().granularity == 8
     m = torchvision.models.resnet18(num_classes=10).eval()
-    d = gate(m, input_shape=SHAPE, config=GateConfig(dynamic=True)).to_dict()
+    result = gate(m, input_shape=SHAPE, config=GateConfig(dynamic=True))
+    d = result.to_dict()
     assert d["gate_kind"] == "dynamic" and len(d["dynamic"]) == 8
     # the stem, the downsampling shortcuts and the head read no gated channel
     assert 0.5 < d["gateable_fraction"] < 0.95
     # one Linear(C_in, 16) + Linear(16, 2) per learnable gate, counted exactly
-    bank = gate(
-        torchvision.models.resnet18(num_classes=10).eval(), input_shape=SHAPE, config=GateConfig(dynamic=True)
-    ).bank
+    bank = result.bank
     expected = sum(net.fc1.in_features * 16 * net.gates + net.gates * 32 for net in bank.nets)
     assert d["gate_net_macs"] == expected
     assert d["gate_net_fraction"] < 0.02  # the goal, even at 32 px where the convs are cheapest
@@ -265,20 +264,12 @@ def test_onnx_check_catches_a_changed_graph(decided, tmp_path: Path) -> None:  #
 
 
 def test_resumed_dynamic_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
-    from prunekit.errors import Interrupted
-
     data = make_image_folder(tmp_path / "data", classes=3, train=8, val=2)
     gated = tmp_path / "gated.pt"
     gate_stage(ModelSpec("resnet18", num_classes=3, input_shape=32), gated, config=GateConfig(dynamic=True))
     config = _config(epochs=3, batch_size=8, workers=0, max_steps_per_epoch=2, decide_at=0.5)
-    finetune_stage(gated, str(data), tmp_path / "full.pt", config)
-    with interrupted_after(2), pytest.raises(Interrupted):
-        finetune_stage(gated, str(data), tmp_path / "resumed.pt", config)
-    finetune_stage(gated, str(data), tmp_path / "resumed.pt", config, resume=True)
-    full, resumed = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "resumed.pt")
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # interrupted after the decision (mid-run): the calibrated offset and the frozen networks resume
+    assert_resume_is_exact(gated, data, config, tmp_path, interrupt_after=2)
 
 
 # -- the command line -----------------------------------------------------------------------------------

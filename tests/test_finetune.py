@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import interrupted_after, make_image_folder, message_lines, no_result_on_stdout
+from conftest import (
+    assert_resume_is_exact,
+    make_image_folder,
+    message_lines,
+    no_result_on_stdout,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typer.testing import CliRunner
@@ -436,15 +441,7 @@ def test_interrupt_then_resume(
 def test_resumed_run_equals_an_uninterrupted_one(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     gated, data = tiny
     config = tiny_config(epochs=2, decide_at=1.0, max_steps_per_epoch=2)
-    finetune_stage(gated, str(data), tmp_path / "full.pt", config)
-    with interrupted_after(1), pytest.raises(Interrupted):
-        finetune_stage(gated, str(data), tmp_path / "resumed.pt", config)
-    finetune_stage(gated, str(data), tmp_path / "resumed.pt", config, resume=True)
-
-    full, resumed = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "resumed.pt")
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # gates and weights: the same batches, the same samples
+    assert_resume_is_exact(gated, data, config, tmp_path, interrupt_after=1)  # gates and weights
 
 
 def test_resume_without_checkpoint(tiny: tuple[Path, Path], tmp_path: Path) -> None:

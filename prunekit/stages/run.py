@@ -115,13 +115,9 @@ def run_pipeline(
         check_dynamic_options(config.slim, None, None)
     elif config.slim.drop_never_on:
         raise ConfigError("[slim] drop_never_on applies to dynamic gates: set [gates] dynamic = true")
-    needs_plain = config.slim.quantize_modes or (dynamic and config.slim.drop_never_on)
+    needs_plain = config.slim.quantize_modes or config.slim.drop_never_on
     plain = plain_loaders(config.data, spec) if needs_plain else None
     calibration = calibration_batches(plain, config.slim)
-    if dynamic and config.slim.drop_never_on:
-        from prunekit.quantize import calibration_inputs
-
-        calibration = calibration_inputs(plain.train.dataset, config.slim.calibration_batches)
     clear_previous_run(files)  # everything is validated: from here on the directory is this run's
     done: dict[str, Any] = {}
     stage = "gate"
@@ -154,7 +150,7 @@ def run_pipeline(
                 val_loader=loaders.val,
                 data=config.data,
                 rtol=config.slim.rtol,
-                calibration=None if calibration is None else [torch.from_numpy(b) for b in calibration],
+                calibration=calibration,
                 classes=list(loaders.classes),
             )
             slimmed.source = str(files["tuned"])

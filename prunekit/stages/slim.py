@@ -346,17 +346,10 @@ def _slim_stage_dynamic(
     if config.drop_never_on and data is None:
         raise ConfigError("--drop-never-on needs --data: the channels are those no training image turns on")
     loaders = data_loaders(data, ckpt.spec)
-    calibration = None
-    if config.drop_never_on:
-        from prunekit.quantize import calibration_inputs
-
-        calibration = [
-            torch.from_numpy(b) for b in calibration_inputs(loaders.train.dataset, config.calibration_batches)
-        ]
     result = slim_dynamic(
         ckpt,
         val_loader=None if loaders is None else loaders.val,
-        calibration=calibration,
+        calibration=calibration_batches(loaders, config),
         data=data,
         rtol=config.rtol,
         classes=None if loaders is None else list(loaders.classes),
@@ -486,9 +479,9 @@ def quantization_gate(result: SlimResult, config: SlimConfig) -> None:
 
 
 def calibration_batches(loaders: Any, config: SlimConfig) -> list[Any] | None:
-    """INT8's calibration batches from the data's training split, with evaluation transforms (the
-    accuracy check uses the validation split, so the two do not overlap)."""
-    if "int8" not in config.quantize_modes or loaders is None:
+    """The calibration batches of INT8 and of `drop_never_on` from the data's training split, with
+    evaluation transforms (the accuracy check uses the validation split, so the two do not overlap)."""
+    if not ("int8" in config.quantize_modes or config.drop_never_on) or loaders is None:
         return None
     from prunekit.quantize import calibration_inputs
 

@@ -109,19 +109,22 @@ def slim_dynamic(
     ckpt: Checkpoint,
     *,
     val_loader: Any = None,
-    calibration: list[torch.Tensor] | None = None,
+    calibration: list[Any] | None = None,
     data: str | None = None,
     rtol: float = 1e-4,
     classes: list[str] | None = None,
 ) -> DynamicSlimResult:
-    """The skipping model of a decided dynamic checkpoint, verified; `calibration`: batches whose
-    never-on channels are removed for good (None: nothing removed)."""
+    """The skipping model of a decided dynamic checkpoint, verified. `calibration`: batches (arrays or
+    tensors, as `stages.slim.calibration_batches` gives them) whose never-on channels are removed for
+    good (None: nothing removed)."""
     bank = ckpt.gates
     if not isinstance(bank, DynamicGateBank):
         raise ConfigError("slim_dynamic takes a checkpoint with dynamic gates")
     if not bank.is_decided:
         raise ConfigError("the dynamic gates are not decided yet: fine-tune the model first")
     gated = copy.deepcopy(ckpt.model).cpu().eval()
+    if calibration is not None:
+        calibration = [torch.as_tensor(b) for b in calibration]
     drop = never_on(gated, calibration) if calibration is not None else set()
     model = dynamic_inference_model(gated, ckpt.graph, drop)
     if calibration is not None:  # removed channels are off there, so the check is exact there
