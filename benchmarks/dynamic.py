@@ -75,6 +75,60 @@ def example_fractions(tuned: Any, xs: list[torch.Tensor]) -> list[float]:
     return out
 
 
+@torch.no_grad()
+def decision_study(tuned: Any, val: Any) -> dict[str, Any]:
+    """How input-dependent the learned decisions are, and what they are worth: each learnable gate's
+    on-frequency over the validation images, and the accuracy of the same weights with every example
+    given one static choice instead (the gates most often on, as many as fit the dynamic model's mean
+    MACs: its "majority" static model). If that static choice is as accurate, the per-example
+    decisions add nothing on this budget; if it is less accurate, they are what the weights learned to
+    use."""
+    model = copy.deepcopy(tuned.checkpoint.model).eval()
+    bank = model.prunekit_gates
+    mac_model = MacModel(tuned.checkpoint.graph)
+    example = next(iter(val))[0][:1]
+    total = count_macs(ungated_copy(model).eval(), example).total_macs
+    fixed_part = total - mac_model.gateable_macs
+
+    def fraction(activity: torch.Tensor) -> torch.Tensor:
+        return (fixed_part + mac_model(activity)) / total
+
+    states, fractions = [], []
+    for x, _ in val:
+        model(x)
+        states.append(bank.current_gates.expand(x.shape[0], -1).clone())
+        fractions.append(fraction(bank.current))
+    on = torch.cat(states)  # (N, G)
+    learnable = ~bank.fixed_on
+    freq = on.mean(0)[learnable]
+    dynamic_mean = float(torch.cat(fractions).mean())
+    # the majority static model: the most frequent gates, as many as fit the dynamic mean MACs
+    order = torch.argsort(on.mean(0).masked_fill(~learnable, 2.0), descending=True)
+    chosen = bank.fixed_on.clone()
+    for g in order.tolist():
+        if chosen[g]:
+            continue
+        trial = chosen.clone()
+        trial[g] = True
+        if float(fraction(bank.unit_values(trial.float()[None]))[0]) > dynamic_mean:
+            continue  # too expensive: a cheaper, less frequent gate may still fit
+        chosen = trial
+    static_macs = float(fraction(bank.unit_values(chosen.float()[None]))[0])
+    bank.fixed_on.copy_(chosen)
+    bank.offset.fill_(-1e9)  # every learnable gate off unless chosen above
+    static_top1 = evaluate(model, val, torch.device("cpu")).top1
+    return {
+        "learnable_gates": int(learnable.sum()),
+        "always_on": float((freq >= 0.99).float().mean()),
+        "always_off": float((freq <= 0.01).float().mean()),
+        "input_dependent": float(((freq > 0.01) & (freq < 0.99)).float().mean()),
+        "on_frequency_quartiles": torch.quantile(freq, torch.tensor([0.25, 0.5, 0.75])).tolist(),
+        "dynamic_mean_macs": dynamic_mean,
+        "majority_static_top1": static_top1,
+        "majority_static_macs": static_macs,
+    }
+
+
 def onnx_session(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Any:
     import onnxruntime as ort
 
@@ -153,11 +207,19 @@ def main(argv: list[str] | None = None) -> int:
             "dynamic_macs": last["macs_per_example"],
             "dynamic_check": check,
         }
+        row["decisions"] = decision_study(dyn, loaders.val)
         dm = row["dynamic_macs"]
         print(
             f"seed {seed}: static {row['static_top1']:.4f} at {row['static_macs']:.3f} MACs; dynamic "
             f"{row['dynamic_top1']:.4f} at mean {dm['mean']:.3f} (p50 {dm['p50']:.3f}, p95 {dm['p95']:.3f}, "
             f"gate nets {dm['gate_nets']:.4f})",
+            flush=True,
+        )
+        d = row["decisions"]
+        print(
+            f"  decisions: {d['input_dependent']:.0%} of {d['learnable_gates']} learnable gates "
+            f"input-dependent ({d['always_on']:.0%} always on, {d['always_off']:.0%} always off); "
+            f"majority static model {d['majority_static_top1']:.4f} at {d['majority_static_macs']:.3f} MACs",
             flush=True,
         )
         row["latency"] = {}

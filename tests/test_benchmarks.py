@@ -90,6 +90,10 @@ def test_dynamic_benchmark_smoke(tmp_path: Path) -> None:
         assert cell["speedup_over_reduction"] == cell["dynamic_speedup"] / cell["dynamic_mac_reduction"]
     assert run["dynamic_check"]["max_abs_diff"] <= 1e-4 * max(1.0, run["dynamic_check"]["output_scale"])
     assert plot.is_file() and "dynamic speedup" in proc.stdout
+    d = run["decisions"]  # the study of how input-dependent the decisions are
+    assert abs(d["always_on"] + d["always_off"] + d["input_dependent"] - 1.0) < 1e-6
+    assert d["majority_static_macs"] <= d["dynamic_mean_macs"] + 1e-6
+    assert 0.0 <= d["majority_static_top1"] <= 1.0 and "majority static model" in proc.stdout
 
 
 def test_dynamic_diagnostic_smoke(tmp_path: Path) -> None:

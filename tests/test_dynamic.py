@@ -49,11 +49,11 @@ def _config(**kw: object) -> FinetuneConfig:
     return FinetuneConfig(**({"target_macs": 0.5, "epochs": 2, "batch_size": 16, "device": "cpu"} | kw))
 
 
-def _decided_with_spread(model_name: str = "resnet18", seed: int = 0):  # noqa: ANN202
+def _decided_with_spread(model_name: str = "resnet18", seed: int = 0, **gates: object):  # noqa: ANN202
     """A gated model whose decided gates really differ from example to example (random gate networks
     around the on/off boundary): a check that passes with every gate on would prove nothing."""
     m = getattr(torchvision.models, model_name)(num_classes=10).eval()
-    result = gate(m, input_shape=SHAPE, config=GateConfig(dynamic=True))
+    result = gate(m, input_shape=SHAPE, config=GateConfig(dynamic=True, **gates))  # type: ignore[arg-type]
     randomize(result.model, seed)  # the gate networks too: nothing depends on the global RNG
     bank = result.bank
     assert isinstance(bank, DynamicGateBank)
@@ -207,7 +207,7 @@ def test_skipping_model_computes_only_the_chosen_channels_at_batch_1(decided) ->
         for _ in range(4):
             dyn(_inputs(1, int(torch.randint(0, 10**6, (1,), generator=gen))))
             for name, r in readers.items():
-                chosen = int(dyn.selection.index[r.groups[0]].numel())
+                chosen = int(dyn.selection.channels[r.groups[0]].numel())
                 assert widths[name] == chosen  # the convolution itself ran on the chosen channels only
                 seen[name].add(chosen)
     full = {n: r.inner.inner.out_channels for n, r in readers.items()}
@@ -248,6 +248,48 @@ def test_onnx_matches_per_example_at_two_batch_sizes(decided, tmp_path: Path) ->
     assert ops.count("NonZero") == len(dyn.group_units)  # one selection per dynamic group, in the graph
     # convolutions whose weights are gathered in the graph (not constant): the real skipping
     assert sum(1 for n in graph.node if n.op_type == "Conv" and n.input[1] not in initializers) >= 16
+
+
+def test_onnx_gathers_input_channels_in_whole_blocks(decided, tmp_path: Path) -> None:  # noqa: ANN001
+    import onnx
+    from onnx import numpy_helper
+
+    dyn = dynamic_inference_model(decided.model.eval(), decided.graph)
+    assert set(dyn.selection.block.values()) == {16}  # --dynamic's 16 channels per gate
+    path = tmp_path / "dyn.onnx"
+    export_onnx(dyn, path, input_shape=SHAPE, opset=17, dynamo=False, inputs=_inputs(2, 9))
+    graph = onnx.load(str(path)).graph
+    blocked = {
+        i.name
+        for i in graph.initializer
+        if len(i.dims) == 3 and i.dims[2] % 16 == 0 and numpy_helper.to_array(i).size > 16 * 16
+    }
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in blocked]
+    # every block's second convolution reads the first one's chosen channels: 8 block gathers
+    assert len(gathers) == 8
+    assert all(a.i == 1 for n in gathers for a in n.attribute if a.name == "axis")
+
+
+def test_gates_of_unequal_sizes_are_gathered_in_their_common_block(tmp_path: Path) -> None:
+    """Granularity 12 on widths 64..512 gives gates of 12 channels and a last one of 4 or 8: blocks of
+    4 channels (the gcd). The skipping model and its ONNX file stay exact per example."""
+    result = _decided_with_spread(seed=1, granularity=12)
+    gated = result.model.eval()
+    dyn = dynamic_inference_model(gated, result.graph)
+    assert set(dyn.selection.block.values()) == {4}
+    x = _inputs(4, 10)
+    verify_dynamic(gated, dyn, x)
+    path = tmp_path / "dyn12.onnx"
+    export_onnx(dyn, path, input_shape=SHAPE, opset=17, dynamo=False, inputs=x)
+    assert verify_onnx_dynamic(path, dyn, x, 1e-4)["batch_sizes"] == [1, 4]
+
+
+def test_channel_blocks_put_each_gates_channels_together() -> None:
+    from prunekit.dynamic_slim import _channel_blocks
+
+    units, blocks, size = _channel_blocks([10, 11, 12, 13, 14, 15], [1, 0, 1, 0, 2, 2])
+    assert (units, blocks, size) == ([10, 12, 11, 13, 14, 15], [1, 0, 2], 2)
+    assert _channel_blocks([0, 1, 2], [0, 0, 1]) == ([0, 1, 2], [0, 0, 1], 1)
 
 
 def test_onnx_check_catches_a_changed_graph(decided, tmp_path: Path) -> None:  # noqa: ANN001
