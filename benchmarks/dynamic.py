@@ -38,6 +38,20 @@ from prunekit.objective import MacModel
 from prunekit.trainer import evaluate
 
 
+def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
+    """The fixture and recipe options of this benchmark and of dynamic_diagnostic.py (what
+    `fixture` and `finetune_config` read)."""
+    ap.add_argument("--data", default="/tmp/cifar10")
+    ap.add_argument("--weights", default=str(WEIGHTS), help="state_dict file, or none (random: smoke runs)")
+    ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--distill", type=float, default=0.7)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
+
+
 def finetune_config(args: argparse.Namespace, seed: int) -> FinetuneConfig:
     """The one recipe every method of this benchmark (and of dynamic_diagnostic.py) fine-tunes with."""
     return FinetuneConfig(
@@ -167,16 +181,8 @@ def latency(models: dict[str, torch.nn.Module], xs: list[torch.Tensor], rounds: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="/tmp/cifar10")
-    ap.add_argument("--weights", default=str(WEIGHTS), help="state_dict file, or none (random: smoke runs)")
-    ap.add_argument("--target", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=2)
+    add_recipe_arguments(ap)
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--distill", type=float, default=0.7)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     ap.add_argument("--latency-examples", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-sizes", default="32,224", help="input sizes to time at batch 1")

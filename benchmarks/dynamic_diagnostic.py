@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-from dynamic import finetune_config  # this folder's dynamic benchmark: the same recipe
-from peers import WEIGHTS, fixture  # the accuracy benchmark's fixture (this folder)
+from dynamic import add_recipe_arguments, finetune_config  # this folder's dynamic benchmark: its recipe
+from peers import fixture  # the accuracy benchmark's fixture (this folder)
 
 import prunekit
 from prunekit.config import GateConfig
@@ -29,16 +29,8 @@ from prunekit.trainer import evaluate
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="/tmp/cifar10")
-    ap.add_argument("--weights", default=str(WEIGHTS))
+    add_recipe_arguments(ap)  # the same fixture and recipe options as benchmarks/dynamic.py
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--distill", type=float, default=0.7)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     model, spec, loaders = fixture(args)

@@ -145,7 +145,7 @@ def find_dynamic_blocks(model: nn.Module, graph: ChannelGraph) -> Placement:
 
     blocks: list[DynamicBlock] = []
     claimed: set[int] = set()
-    static: dict[str, str] = {}
+    reasons: dict[int, str] = {}  # group index -> why an inner block could not take it
     for _, add, x, modules in candidates:
         readers = sorted(
             (
@@ -169,7 +169,7 @@ def find_dynamic_blocks(model: nn.Module, graph: ChannelGraph) -> Placement:
             if why is None and not readers:
                 why = "no layer of its block reads the block's input directly"
             if why is not None:
-                static[g.name] = why
+                reasons[g.index] = why
                 continue
             groups.append(g.index)
         if groups:
@@ -178,15 +178,12 @@ def find_dynamic_blocks(model: nn.Module, graph: ChannelGraph) -> Placement:
             blocks.append(DynamicBlock(str(add.name), reader, tuple(slices[reader].in_units), tuple(groups)))
     blocks.sort(key=lambda b: order[next(n for n in gm.graph.nodes if n.name == b.name)])
     # a group an inner block could not take may belong to an outer one: then it is not static
-    static = {name: why for name, why in static.items() if _group_index(graph, name) not in claimed}
-    for g in graph.groups:
-        if g.index not in claimed and g.name not in static:
-            static[g.name] = "shared across blocks (a residual stream or outside any residual block)"
+    static = {
+        g.name: reasons.get(g.index, "shared across blocks (a residual stream or outside any residual block)")
+        for g in graph.groups
+        if g.index not in claimed
+    }
     return Placement(tuple(blocks), static)
-
-
-def _group_index(graph: ChannelGraph, name: str) -> int:
-    return next(g.index for g in graph.groups if g.name == name)
 
 
 def _not_sliceable(
