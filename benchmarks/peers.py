@@ -6,7 +6,9 @@ and distillation setting (weight, temperature 2, the unpruned model as teacher).
 epochs as its recipe does (gates and weights jointly, then the weights under fixed decisions); the
 Torch-Pruning criteria prune once to the target (a search over the pruning ratio, `round_to` = prunekit's
 granularity, the classifier left whole) and then fine-tune with a plain loop. Every result's MACs are
-counted by one counter (prunekit.measure.count_macs, fvcore) on the final model.
+counted by one counter (prunekit.measure.count_macs, fvcore) on the final model. A seed sets the data
+order and augmentation as well as the initial noise, so at one seed every method sees the same batches
+(results recorded before this rule drew their data order from where the previous run had left the loader).
 
     # the CIFAR-10 resnet18 fixture (../shared/data), unpacked to /tmp/cifar10 first:
     python benchmarks/peers.py --data /tmp/cifar10 --out benchmarks/results/peers.json
@@ -174,12 +176,17 @@ def overrides(pairs: list[str], cls: type) -> dict[str, Any]:
 
 def run_one(model, spec, loaders, method, target, epochs, seed, distill, args) -> dict[str, Any]:  # noqa: ANN001
     torch.manual_seed(seed)
+    # the seed sets the data order and augmentation too (the loader's generator seeds its shuffle and its
+    # workers): every method sees the same batches at one seed, so they are compared pairwise
+    loaders.train.generator.manual_seed(seed)
     start = time.perf_counter()
     if method == "prunekit":
+        gate_config = GateConfig(granularity=args.granularity, **overrides(args.gate, GateConfig))
         gated = prunekit.gate(
             copy.deepcopy(model),
             spec=spec,
-            config=GateConfig(granularity=args.granularity, **overrides(args.gate, GateConfig)),
+            config=gate_config,
+            data=loaders.train if gate_config.importance == "taylor" else None,  # its gradient batches
         )
         config = FinetuneConfig(
             **overrides(args.finetune, FinetuneConfig),

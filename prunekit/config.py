@@ -8,7 +8,8 @@ TOML sections of a `prunekit run` config (every key optional but the model's sou
 
 [model]      arch, weights, num_classes, input_shape, mean, std, args (a table of factory arguments),
              resize_size, interpolation (evaluation preprocessing; torchvision weights set their own)
-[gates]      granularity, min_keep, init_on, init_off, init_spread, importance, dynamic    (GateConfig)
+[gates]      granularity, min_keep, init_on, init_off, init_spread, importance, importance_batches,
+             dynamic                                                                     (GateConfig)
 [finetune]   data, target_macs, epochs, batch_size, lr, ...           (FinetuneConfig)
 [slim]       export ("onnx" | "pt2" | "onnx,pt2" | "none"), opset, latency, threads, quantize
              ("int8" | "fp16" | "int8,fp16"), calibration_batches, max_quantization_drop, drop_never_on
@@ -280,7 +281,7 @@ GATE_PHASES = ("joint", "frozen")  # FinetuneConfig.gate_phase
 METHODS = ("gumbel", "magnitude")  # FinetuneConfig.method
 ALLOCATIONS = ("learned", "uniform")  # FinetuneConfig.allocation
 GATE_OPTIMIZERS = ("adam", "shared-adam")  # FinetuneConfig.gate_optimizer
-IMPORTANCE_KINDS = ("l1", "bn")  # GateConfig.importance (prunekit.plan.IMPORTANCE)
+IMPORTANCE_KINDS = ("l1", "bn", "taylor")  # GateConfig.importance (prunekit.plan.IMPORTANCE)
 STATIC_MIN_KEEP, DYNAMIC_MIN_KEEP = 0.5, 0.25  # GateConfig.min_keep when not given
 STATIC_GRANULARITY, DYNAMIC_GRANULARITY = 8, 16  # GateConfig.granularity when not given
 
@@ -309,8 +310,11 @@ class GateConfig:
     init_off: float = 0.1  # initial off-logit
     init_spread: float = 2.0  # the least important gate starts with its on-logit lowered by this much
     # how channels are ranked within a group (which form a gate, which are always kept, the initial
-    # logits): "l1", group L1 magnitude of every weight they touch; "bn", BatchNorm scale
+    # logits): "l1", group L1 magnitude of every weight they touch; "bn", BatchNorm scale; "taylor",
+    # group first-order Taylor |weight * grad| from the loss on `importance_batches` training batches
+    # (the gate stage then needs data)
     importance: str = "l1"
+    importance_batches: int = 8
     # input-dependent gates (conditional computation, prunekit.dynamic) on the internal widths of
     # residual blocks, decided per example by a small gate network reading the block's input
     dynamic: bool = False
@@ -329,6 +333,10 @@ class GateConfig:
                 (self.granularity >= 1, f"granularity must be >= 1, got {self.granularity}"),  # type: ignore[operator]
                 (0.0 <= self.min_keep < 1.0, f"min_keep must be in [0, 1), got {self.min_keep}"),  # type: ignore[operator]
                 _choice("importance", self.importance, IMPORTANCE_KINDS),
+                (
+                    self.importance_batches >= 1,
+                    f"importance_batches must be >= 1, got {self.importance_batches}",
+                ),
             ]
         )
 

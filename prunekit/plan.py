@@ -257,7 +257,69 @@ def l1_scores(model: nn.Module, graph: ChannelGraph) -> list[float]:
     return score
 
 
-IMPORTANCE = {"l1": l1_scores, "bn": magnitude_scores}  # GateConfig.importance -> unit scores
+def taylor_scores(model: nn.Module, graph: ChannelGraph) -> list[float]:
+    """Importance of every unit by group first-order Taylor expansion: the summed |weight * grad| of
+    everything the unit touches (as `l1_scores` sums |weight|), from the gradients the model's
+    parameters hold (`taylor_importance` fills them from a few batches of data). This is the
+    criterion of Torch-Pruning's GroupTaylorImportance: the loss change to first order when a unit's
+    weights go to zero."""
+    import torch
+
+    score = [0.0] * graph.num_units
+    with torch.no_grad():
+        for s in graph.module_slices:
+            module = model.get_submodule(s.module)
+            terms = []
+            for name in ("weight", "bias") if s.kind == "batchnorm" else ("weight",):
+                p = getattr(module, name, None)
+                if isinstance(p, torch.Tensor) and p.grad is not None:
+                    terms.append((p.detach() * p.grad.detach()).abs().float())
+            for w in terms:
+                if s.kind == "batchnorm":
+                    pairs = [(s.in_units, w)]
+                elif s.kind in ("conv", "linear"):
+                    pairs = [
+                        (s.out_units, w.flatten(1).sum(1)),
+                        (s.in_units, w.transpose(0, 1).flatten(1).sum(1)),
+                    ]
+                else:
+                    pairs = [(s.out_units, w.flatten(1).sum(1))]
+                for units, values in pairs:
+                    for u, v in zip(units, values.cpu().tolist(), strict=True):
+                        if u >= 0:
+                            score[u] += v
+    return score
+
+
+def taylor_importance(
+    model: nn.Module, graph: ChannelGraph, batches: Any, n_batches: int, device: Any = None
+) -> list[float]:
+    """`taylor_scores` from the cross-entropy gradients of the first `n_batches` (x, y) batches of
+    `batches`, summed. They are computed on a copy in train mode (BatchNorm on batch statistics, as
+    fine-tuning will run) on `device` (default: the model's), so the model itself keeps its weights,
+    statistics and empty gradients."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    work = copy.deepcopy(model).to(device).train()
+    work.zero_grad(set_to_none=True)
+    seen = 0
+    for x, y in batches:
+        if seen >= n_batches:
+            break
+        F.cross_entropy(work(x.to(device)), y.to(device)).backward()
+        seen += 1
+    if seen == 0:
+        raise ConfigError("importance taylor needs training batches: the data gave none")
+    return taylor_scores(work, graph)
+
+
+# GateConfig.importance -> unit scores from the weights alone; "taylor" needs data (taylor_importance)
+IMPORTANCE = {"l1": l1_scores, "bn": magnitude_scores}
 
 
 def magnitude_plan(
@@ -305,6 +367,8 @@ __all__ = [
     "l1_scores",
     "magnitude_scores",
     "plan_from_scores",
+    "taylor_importance",
+    "taylor_scores",
     "plan_from_units",
     "random_plan",
     "round_units",

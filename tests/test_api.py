@@ -153,7 +153,7 @@ _FINETUNE_OPTIONS = set(defaults(FinetuneConfig)) - {"gate_weight_decay"}
     ("command", "cls", "renames", "options"),
     [
         ("finetune", FinetuneConfig, {}, _FINETUNE_OPTIONS),
-        ("gate", GateConfig, {}, {"granularity", "min_keep"}),
+        ("gate", GateConfig, {}, {"granularity", "min_keep", "importance", "importance_batches"}),
         ("slim", SlimConfig, {}, {"export", "opset", "latency", "threads"}),
     ],
 )

@@ -59,6 +59,23 @@ def test_peers_benchmark_smoke(tmp_path: Path) -> None:
     assert "| prunekit | 0.5 | 1 | 0.7 | 1 |" in doc.read_text()
 
 
+def test_allocations_benchmark_smoke(tmp_path: Path) -> None:
+    """Two shapes at the same target: each fits the budget, and the layer4 cut moves width into the early
+    stages (the shape is applied, not ignored)."""
+    out = tmp_path / "alloc.json"
+    args = ["--data", "builtin", "--weights", "none", "--target", "0.5", "--epochs", "1", "--seeds", "0"]
+    args += ["--max-steps-per-epoch", "1", "--batch-size", "16", "--workers", "0", "--eval-batches", "2"]
+    args += ["--recalibrate-batches", "1", "--shape", "uniform=layer1:1", "--shape", "l4=layer4:0.3"]
+    proc = _script("allocations.py", [*args, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uniform, cut = json.loads(out.read_text())["runs"]
+    for r in (uniform, cut):
+        assert 0.4 < r["macs"] <= 0.5, r
+        assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["top1_before_finetune"] <= 1.0
+    assert cut["widths"]["layer4.1.conv1"] < uniform["widths"]["layer4.1.conv1"]
+    assert cut["widths"]["layer2.1.conv1"] > uniform["widths"]["layer2.1.conv1"]
+
+
 def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     args = ["--data", "builtin", "--weights", "none", "--rounds", "1", "--block", "2", "--batch-size", "16"]

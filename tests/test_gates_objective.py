@@ -26,7 +26,7 @@ from prunekit.graph import ChannelGraph, analyze
 from prunekit.measure import count_macs
 from prunekit.models import build_model
 from prunekit.objective import MacModel, activation_loss, target_to_budget
-from prunekit.plan import l1_scores, plan_from_units
+from prunekit.plan import l1_scores, plan_from_units, taylor_importance
 from prunekit.surgery import slim_
 
 
@@ -333,8 +333,10 @@ def test_gate_config_validation() -> None:
         GateConfig(granularity=0)
     with pytest.raises(ConfigError, match="min_keep"):
         GateConfig(min_keep=1.0)
-    with pytest.raises(ConfigError, match="importance must be one of l1, bn, got 'taylor'"):
-        GateConfig(importance="taylor")
+    with pytest.raises(ConfigError, match="importance must be one of l1, bn, taylor, got 'fisher'"):
+        GateConfig(importance="fisher")
+    with pytest.raises(ConfigError, match="importance_batches must be >= 1"):
+        GateConfig(importance="taylor", importance_batches=0)
 
 
 def test_l1_importance_sums_every_weight_a_channel_touches() -> None:
@@ -351,6 +353,87 @@ def test_l1_importance_sums_every_weight_a_channel_touches() -> None:
     w1, bn, w2 = model[0].weight.abs(), model[1].weight.abs(), model[3].weight.abs()
     expected = w1.flatten(1).sum(1) + bn + w2.transpose(0, 1).flatten(1).sum(1)
     torch.testing.assert_close(torch.tensor(scores), expected.detach(), rtol=1e-5, atol=0)
+
+
+def _conv_bn_conv() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(1), nn.LazyLinear(2)
+    )
+    model(torch.randn(1, 3, 5, 5))
+    return randomize(model, seed=3).eval()
+
+
+def test_taylor_importance_sums_weight_times_gradient_over_everything_a_channel_touches() -> None:
+    """Group Taylor: |w * dL/dw| of producer filters, consumer input slices and the BatchNorm's scale
+    and shift, per channel, from the summed gradients of the batches given, taken in train mode."""
+    model = _conv_bn_conv()
+    graph = analyze(model, torch.randn(1, 3, 5, 5))
+    group = next(g for g in graph.groups if g.units == 6)
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 3, 5, 5), torch.randint(0, 2, (4,))) for _ in range(3)]
+    scores = taylor_importance(model, graph, batches, n_batches=2)[group.offset : group.offset + 6]
+
+    reference = copy.deepcopy(model).train()
+    for x, y in batches[:2]:  # only the first n_batches
+        nn.functional.cross_entropy(reference(x), y).backward()
+    conv1, bn, conv2 = reference[0], reference[1], reference[3]
+    expected = (
+        (conv1.weight * conv1.weight.grad).abs().flatten(1).sum(1)
+        + (bn.weight * bn.weight.grad).abs()
+        + (bn.bias * bn.bias.grad).abs()
+        + (conv2.weight * conv2.weight.grad).abs().transpose(0, 1).flatten(1).sum(1)
+    )
+    torch.testing.assert_close(torch.tensor(scores), expected.detach(), rtol=1e-4, atol=1e-7)
+    assert int((expected > 0).sum()) >= 5  # a real signal (one channel may be dead under the ReLU)
+
+
+def test_taylor_importance_leaves_the_model_as_it_was() -> None:
+    model = _conv_bn_conv()
+    graph = analyze(model, torch.randn(1, 3, 5, 5))
+    before = copy.deepcopy(model.state_dict())
+    taylor_importance(model, graph, [(torch.randn(4, 3, 5, 5), torch.tensor([0, 1, 0, 1]))], n_batches=8)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+    for key, value in model.state_dict().items():  # BatchNorm statistics included
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ConfigError, match="needs training batches"):
+        taylor_importance(model, graph, [], n_batches=8)
+
+
+def test_gate_with_taylor_importance_needs_data_and_only_taylor_takes_it(r18) -> None:
+    from prunekit.stages.gate import gate
+
+    model, _, _ = r18
+    with pytest.raises(ConfigError, match="--importance taylor ranks channels by the loss's gradients"):
+        gate(copy.deepcopy(model), input_shape=(3, 32, 32), config=GateConfig(importance="taylor"))
+    with pytest.raises(ConfigError, match="--data is used by --importance taylor only"):
+        gate(copy.deepcopy(model), input_shape=(3, 32, 32), data=[(torch.randn(2, 3, 32, 32), torch.ones(2))])
+
+
+def test_taylor_ranking_orders_the_gates_by_the_data(r18) -> None:
+    """The gates of a taylor-ranked bank group the units by their Taylor scores (most important gate
+    first), and the ranking differs from the weights-only L1 one on the same model."""
+    from prunekit.stages.gate import gate
+
+    model, _, _ = r18
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    result = gate(
+        copy.deepcopy(model), input_shape=(3, 32, 32), config=GateConfig(importance="taylor"), data=batches
+    )
+    graph, layout = result.graph, result.bank.layout
+    scores = taylor_importance(model, graph, batches, n_batches=8)
+    l1 = l1_scores(model, graph)
+    differs = False
+    for group in graph.groups:
+        units = list(range(group.offset, group.offset + group.units))
+        best = sorted(units, key=lambda u: (-scores[u], u))[: min(8, group.units)]
+        assert {layout.unit_gate[u] for u in best} == {layout.unit_gate[best[0]]}
+        assert layout.fixed_on[layout.unit_gate[best[0]]]
+        differs |= set(best) != set(sorted(units, key=lambda u: (-l1[u], u))[: len(best)])
+    assert differs
+    assert result.bank.config.importance == "taylor"
 
 
 def test_an_old_checkpoints_gates_say_they_were_ranked_by_batchnorm_scale(r18) -> None:

@@ -475,6 +475,34 @@ def test_run_accuracy_gate_fails_with_exit_code_3(data10: Path, tmp_path: Path) 
     assert (out / "model.pt").is_file() and not (out / "model.onnx").exists()
 
 
+def test_gate_ranks_by_taylor_importance_on_the_data(tmp_path: Path) -> None:
+    """`gate --importance taylor --data` records the ranking; the checkpoint fine-tunes like any other."""
+    out = tmp_path / "gated.pt"
+    common = ["resnet18", "--num-classes", "10", "--input-shape", "32", "--json"]
+    result = CliRunner().invoke(
+        app,
+        [
+            "gate",
+            *common,
+            "--importance",
+            "taylor",
+            "--importance-batches",
+            "2",
+            "--data",
+            "builtin",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    ckpt = load_checkpoint(out)
+    config = ckpt.gates.config
+    assert (config.importance, config.importance_batches) == ("taylor", 2)
+    l1 = tmp_path / "l1.pt"
+    assert CliRunner().invoke(app, ["gate", *common, "-o", str(l1)]).exit_code == 0
+    assert ckpt.gates.layout != load_checkpoint(l1).gates.layout  # the data changed the ranking
+
+
 # -- bad input: exit 2, one line, nothing written ---------------------------------------------------
 
 
@@ -531,6 +559,56 @@ def _bad_cases(e2e: dict[str, Any], data3: Path, tmp: Path) -> dict[str, tuple[l
             ["slim", str(d / "tuned.pt"), "--export", "tflite", "-o", "out.pt"],
             ["out.pt"],
             "export must be onnx, pt2, onnx,pt2 or none, got 'tflite'",
+        ),
+        "gate-taylor-without-data": (
+            [
+                "gate",
+                "resnet18",
+                "--num-classes",
+                "10",
+                "--input-shape",
+                "32",
+                "--importance",
+                "taylor",
+                "-o",
+                "g.pt",
+            ],
+            ["g.pt"],
+            "--importance taylor ranks channels by the loss's gradients: give --data",
+        ),
+        "gate-data-without-taylor": (
+            [
+                "gate",
+                "resnet18",
+                "--num-classes",
+                "10",
+                "--input-shape",
+                "32",
+                "--data",
+                "builtin",
+                "-o",
+                "g.pt",
+            ],
+            ["g.pt"],
+            "--data is used by --importance taylor only",
+        ),
+        "gate-taylor-class-mismatch": (
+            [
+                "gate",
+                "resnet18",
+                "--num-classes",
+                "10",
+                "--input-shape",
+                "32",
+                "--importance",
+                "taylor",
+                "--data",
+                str(data3),
+                "-o",
+                "g.pt",
+            ],
+            ["g.pt"],
+            "the data has 3 classes but the model 10",
         ),
         "target-too-high": (
             [*ft, "--data", "builtin", "--target-macs", "1.5", "-o", "t.pt"],

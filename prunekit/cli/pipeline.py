@@ -88,10 +88,26 @@ def gate_command(
         str,
         typer.Option(
             help="How channels are ranked within a group: l1 (group L1 magnitude of the weights they "
-            "touch) or bn (BatchNorm scale).",
+            "touch), bn (BatchNorm scale) or taylor (group first-order Taylor |weight x gradient| of "
+            "the loss on a few batches of --data).",
             rich_help_panel="Gates",
         ),
     ] = G["importance"],
+    importance_batches: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="--importance taylor: training batches (of 64) to take gradients on.",
+            rich_help_panel="Gates",
+        ),
+    ] = G["importance_batches"],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="--importance taylor: training data, an ImageFolder root or `builtin`.",
+            rich_help_panel="Gates",
+        ),
+    ] = None,
     mean: Annotated[
         str | None,
         typer.Option(
@@ -122,8 +138,14 @@ def gate_command(
         std=numbers(std, "--std"),
         model_args=model_args(model_arg),
     )
-    config = GateConfig(granularity=granularity, min_keep=min_keep, importance=importance, dynamic=dynamic)
-    result = gate_stage(spec, output, config=config, seed=seed).to_dict() | {"output": str(output)}
+    config = GateConfig(
+        granularity=granularity,
+        min_keep=min_keep,
+        importance=importance,
+        importance_batches=importance_batches,
+        dynamic=dynamic,
+    )
+    result = gate_stage(spec, output, config=config, seed=seed, data=data).to_dict() | {"output": str(output)}
     if json_output:
         render.emit_json(result, "gate")
     else:

@@ -23,7 +23,7 @@ from prunekit.graph import ChannelGraph, FrozenChannels, analyze
 from prunekit.measure import count_macs
 from prunekit.models import check_runs, load_model
 from prunekit.objective import MacModel
-from prunekit.plan import IMPORTANCE
+from prunekit.plan import IMPORTANCE, taylor_importance
 from prunekit.runtime import model_device
 from prunekit.sources import complete_spec
 
@@ -94,14 +94,18 @@ def gate(
     input_shape: tuple[int, int, int] | None = None,
     spec: ModelSpec | None = None,
     config: GateConfig | None = None,
+    data: Any = None,
 ) -> GateResult:
     """Insert gates into `model` (in place, like `insert_gates_`; pass a copy to keep the original).
 
     `model`: any classifier that torch.fx can trace. Give `input_shape=(C, H, W)` for a model of your
     own, or a complete `spec` (what `prunekit.models.load_model` returns) to record where it came from.
     Without a spec the normalisation recorded is ImageNet's and the class count is read from the
-    model's output."""
+    model's output.
+    `data`: (images, labels) training batches, needed by `config.importance == "taylor"` only (the
+        first `config.importance_batches` are used; the model itself is not changed by them)."""
     config = config or GateConfig()
+    check_importance_data(config, data is not None)
     device = model_device(model)
     model.cpu()  # analysed on the CPU (example inputs live there); handed back where it was
     spec = _complete_spec(model, spec, input_shape)
@@ -111,7 +115,10 @@ def gate(
     mac_report = count_macs(model, x)
     original = OriginalSize(mac_report.total_macs, mac_report.params)
     graph = analyze(model, x)
-    importance = IMPORTANCE[config.importance](model, graph)
+    if config.importance == "taylor":
+        importance = taylor_importance(model, graph, data, config.importance_batches, device)
+    else:
+        importance = IMPORTANCE[config.importance](model, graph)
     if config.dynamic:
         bank: GateBank = dynamic_bank(model, graph, config, importance, spec.name or type(model).__name__)
     else:
@@ -147,14 +154,44 @@ def _complete_spec(
     return spec if spec.complete else complete_spec(model, spec)
 
 
-def gate_stage(spec: ModelSpec, out: Path, *, config: GateConfig | None = None, seed: int = 0) -> GateResult:
-    """Load the model `spec` names, gate it and write the gated checkpoint to `out`."""
+def check_importance_data(config: GateConfig, has_data: bool) -> None:
+    """Taylor importance ranks by the loss's gradients and needs data; the other rankings use none."""
+    if config.importance == "taylor" and not has_data:
+        raise ConfigError("--importance taylor ranks channels by the loss's gradients: give --data")
+    if config.importance != "taylor" and has_data:
+        raise ConfigError(f"--data is used by --importance taylor only (this is {config.importance})")
+
+
+def gate_stage(
+    spec: ModelSpec,
+    out: Path,
+    *,
+    config: GateConfig | None = None,
+    seed: int = 0,
+    data: str | None = None,
+    batch_size: int = 64,
+) -> GateResult:
+    """Load the model `spec` names, gate it and write the gated checkpoint to `out`. `data` (an
+    ImageFolder root or `builtin`): the training images `importance="taylor"` ranks by."""
+    config = config or GateConfig()
+    check_importance_data(config, data is not None)
     check_writable(out)
     torch.manual_seed(seed)  # reproducible random init (no weights, or a fresh --num-classes head)
     model, full_spec = load_model(spec)
-    result = gate(model, spec=full_spec, config=config)
+    batches = None
+    if data is not None:
+        from prunekit.data import resolve_data
+
+        loaders = resolve_data(data, **full_spec.preprocessing(), batch_size=batch_size, seed=seed)
+        if loaders.num_classes != full_spec.num_classes:
+            raise ConfigError(
+                f"the data has {loaders.num_classes} classes but the model {full_spec.num_classes}: "
+                "give --num-classes to fit a new head"
+            )
+        batches = loaders.train
+    result = gate(model, spec=full_spec, config=config, data=batches)
     result.save(out)
     return result
 
 
-__all__ = ["GateResult", "OriginalSize", "gate", "gate_stage", "original_size"]
+__all__ = ["GateResult", "OriginalSize", "check_importance_data", "gate", "gate_stage", "original_size"]

@@ -122,7 +122,9 @@ def run_pipeline(
     done: dict[str, Any] = {}
     stage = "gate"
     try:
-        gated = gate(model, spec=spec, config=config.gates)
+        # taylor importance takes its gradients on the run's training batches
+        batches = loaders.train if config.gates.importance == "taylor" else None
+        gated = gate(model, spec=spec, config=config.gates, data=batches)
         gated.save(files["gated"])
         done["gate"] = gated.to_dict() | {"output": str(files["gated"])}
         on_stage("gate", gated)
