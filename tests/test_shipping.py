@@ -288,22 +288,23 @@ def test_calibration_batches_are_seeded_whole_batches() -> None:
         calibration_inputs(data[: CALIBRATION_BATCH - 1], 1)
 
 
-def test_output_paths() -> None:
+def test_output_paths(tmp_path: Path) -> None:
+    """Every output is named after the first format's path, in its folder (which must exist: checked)."""
     out = SlimOutputs.for_output(
-        Path("/tmp/x/model.onnx"), SlimConfig(export="onnx,pt2", quantize="int8"), None, None
+        (tmp_path / "model.onnx"), SlimConfig(export="onnx,pt2", quantize="int8"), None, None
     )
     assert (out.onnx, out.pt2, out.checkpoint) == (
-        Path("/tmp/x/model.onnx"),
-        Path("/tmp/x/model.pt2"),
-        Path("/tmp/x/model.pt"),
+        (tmp_path / "model.onnx"),
+        (tmp_path / "model.pt2"),
+        (tmp_path / "model.pt"),
     )
-    assert out.quantized == {"int8": Path("/tmp/x/model.int8.onnx")}
+    assert out.quantized == {"int8": (tmp_path / "model.int8.onnx")}
     assert quantized_path(Path("a/b.onnx"), "fp16") == Path("a/b.fp16.onnx")
-    pt2_first = SlimOutputs.for_output(Path("/tmp/x/m.pt2"), SlimConfig(export="pt2,onnx"), None, None)
-    assert (pt2_first.pt2, pt2_first.onnx) == (Path("/tmp/x/m.pt2"), Path("/tmp/x/m.onnx"))
-    assert SlimOutputs.for_output(
-        Path("/tmp/x/m.pt"), SlimConfig(export="none"), None, None
-    ).checkpoint == Path("/tmp/x/m.pt")
+    pt2_first = SlimOutputs.for_output((tmp_path / "m.pt2"), SlimConfig(export="pt2,onnx"), None, None)
+    assert (pt2_first.pt2, pt2_first.onnx) == ((tmp_path / "m.pt2"), (tmp_path / "m.onnx"))
+    assert SlimOutputs.for_output((tmp_path / "m.pt"), SlimConfig(export="none"), None, None).checkpoint == (
+        tmp_path / "m.pt"
+    )
 
 
 def test_toml_takes_lists_and_strings(tmp_path: Path) -> None:
