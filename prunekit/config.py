@@ -278,11 +278,14 @@ def _check_types(obj: Any) -> None:
 
 
 GATE_PHASES = ("joint", "frozen")  # FinetuneConfig.gate_phase
-METHODS = ("gumbel", "magnitude")  # FinetuneConfig.method
+METHODS = ("auto", "gumbel", "magnitude", "sensitivity")  # FinetuneConfig.method
 ALLOCATIONS = ("learned", "uniform")  # FinetuneConfig.allocation
 GATE_OPTIMIZERS = ("adam", "shared-adam")  # FinetuneConfig.gate_optimizer
 IMPORTANCE_KINDS = ("l1", "bn", "taylor")  # GateConfig.importance (prunekit.plan.IMPORTANCE)
-STATIC_MIN_KEEP, DYNAMIC_MIN_KEEP = 0.5, 0.25  # GateConfig.min_keep when not given
+# GateConfig.min_keep when not given. Static: a group's first gate, about; the sensitivity method
+# measures how far each group can go (it cuts some blocks' inner widths to 1/16 on the CIFAR fixture) and
+# the learned gates' floors come from the uniform cut (FinetuneConfig.uniform_floor)
+STATIC_MIN_KEEP, DYNAMIC_MIN_KEEP = 0.05, 0.25
 STATIC_GRANULARITY, DYNAMIC_GRANULARITY = 8, 16  # GateConfig.granularity when not given
 
 
@@ -303,7 +306,7 @@ class GateConfig:
     # channels per gate (surviving widths come out in multiples of it); None: 8, or 16 with dynamic
     # gates, whose gate networks cost MACs per gate
     granularity: int | None = None
-    # fraction of each group always kept (its most important gates; docs/recipe.md); None: 0.5, or
+    # fraction of each group always kept (its most important gates; docs/recipe.md); None: 0.05, or
     # 0.25 with dynamic gates, which have only the blocks' internal widths to spend the budget on
     min_keep: float | None = None
     init_on: float = 4.0  # initial on-logit of the most important gate (paper: [0.1, 4] for every gate)
@@ -365,8 +368,13 @@ class FinetuneConfig:
     decide_at: float = 0.2  # fraction of training steps after which gate decisions are fixed
     # how the channels to keep are chosen: "gumbel", the learned gates (the paper's method);
     # "magnitude", the same fraction of every group by the gate ranking (`gate --importance`), decided
-    # before the first step, every step fine-tuning the slimmed model (a baseline inside the pipeline)
-    method: str = "gumbel"
+    # before the first step, every step fine-tuning the slimmed model (a baseline inside the pipeline);
+    # "sensitivity", every group's cost measured on a few training batches (prunekit.sensitivity) sets
+    # how many gates it keeps, the gate ranking which, decided before the first step as magnitude is;
+    # "auto", sensitivity for static gates (it leads on the peer benchmark, docs/benchmarks.md) and
+    # gumbel for dynamic ones (the only method that learns per-example gates); `resolve_method`
+    method: str = "auto"
+    sensitivity_batches: int = 4  # method sensitivity: training batches the measurement runs on
     # learned gates: every group keeps at least this share of the gates the uniform cut to the same
     # budget keeps it (prunekit.allocation; None or 0: only the gate stage's min_keep; docs/recipe.md)
     uniform_floor: float | None = 0.85
@@ -408,6 +416,10 @@ class FinetuneConfig:
                 (0.0 < self.decide_at <= 1.0, f"decide_at must be in (0, 1], got {self.decide_at}"),
                 _choice("gate_optimizer", self.gate_optimizer, GATE_OPTIMIZERS),
                 _choice("method", self.method, METHODS),
+                (
+                    self.sensitivity_batches >= 1,
+                    f"sensitivity_batches must be >= 1, got {self.sensitivity_batches}",
+                ),
                 _choice("allocation", self.allocation, ALLOCATIONS),
                 (
                     self.uniform_floor is None or 0.0 <= self.uniform_floor <= 1.0,
@@ -415,7 +427,10 @@ class FinetuneConfig:
                 ),
                 (
                     self.method == "gumbel" or self.gate_phase == "joint",
-                    f"gate_phase {self.gate_phase!r} needs method gumbel: {self.method!r} trains no gates",
+                    f"gate_phase {self.gate_phase!r} needs method gumbel: {self.method!r} trains no gates"
+                    if self.method != "auto"
+                    else f"gate_phase {self.gate_phase!r} needs method gumbel (the learned gates): give "
+                    "--method gumbel",
                 ),
                 _choice("gate_phase", self.gate_phase, GATE_PHASES),
                 (0.0 <= self.distill <= 1.0, f"distill must be in [0, 1], got {self.distill}"),
@@ -428,6 +443,12 @@ class FinetuneConfig:
                 ),
             ]
         )
+
+    def resolve_method(self, dynamic: bool) -> FinetuneConfig:
+        """This config with method "auto" made concrete for a bank of this kind (what a run records)."""
+        if self.method != "auto":
+            return self
+        return replace(self, method="gumbel" if dynamic else "sensitivity")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ data, checkpoints and callbacks around it is `prunekit.stages.finetune`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -36,6 +37,13 @@ from prunekit.graph import ChannelGraph
 from prunekit.modes import training_flags
 from prunekit.objective import MacBudget, MacModel, activation_loss, target_to_budget
 from prunekit.runtime import Runtime, decisions_hash
+from prunekit.sensitivity import (
+    Sensitivity,
+    fill_to_budget,
+    mean_sensitivity,
+    measure_sensitivity,
+    removal_order,
+)
 
 KD_TEMPERATURE = 2.0
 TOP_K = 5
@@ -105,6 +113,7 @@ class Trainer:
         LatencyModel). With a latency budget, `mac_counter` and `total_macs` still count MACs for the
         reports. With `graph` (the model's channel graph), the steps after the decision point train
         the slimmed model; without it, the masked full-width one."""
+        config = config.resolve_method(bank.kind == "dynamic")
         self.graph = graph
         self.dense: DensePhase | None = None
         self.mac_counter, self.total_macs = mac_counter, total_macs
@@ -113,6 +122,7 @@ class Trainer:
         # decision is made); `decision_record` receives what it measured
         self.measure: Callable[[list[bool]], float] | None = None
         self.decision_record: dict[str, Any] | None = None
+        self.sensitivity: dict[str, Any] | None = None  # the sensitivity method: what it measured
         self.model, self.bank, self.mac_model, self.budget, self.config = (
             model,
             bank,
@@ -147,8 +157,8 @@ class Trainer:
         )
         self.total_steps = max(1, steps_per_epoch * config.epochs)
         self.decide_step = (
-            0  # a magnitude criterion decides before the first step
-            if config.method == "magnitude"
+            0  # a magnitude criterion, or measured sensitivity, decides before the first step
+            if config.method in DECIDED_BEFORE_TRAINING
             else min(self.total_steps, max(1, round(config.decide_at * self.total_steps)))
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -183,7 +193,10 @@ class Trainer:
 
     def _enter_dense_phase(self, x: torch.Tensor) -> None:
         """From the first step after the decision: train the slimmed model, checked on this batch."""
-        self.dense = DensePhase(self.model, self.graph, self.opt)  # type: ignore[arg-type]
+        # building the twin creates modules, whose initialisation draws from the global RNG: a run resumed
+        # after the decision point builds it again, and must draw the same augmentation as one that did not
+        with torch.random.fork_rng(devices=[]):
+            self.dense = DensePhase(self.model, self.graph, self.opt)  # type: ignore[arg-type]
         self.dense.verify(x[:8])
         self.dense.set_lr(self.opt.param_groups[0]["lr"])
         self.train_model = None  # type: ignore[assignment]  # release a DDP wrapper's reducer first
@@ -268,11 +281,47 @@ class Trainer:
         bank = self.bank
         if self.config.method == "magnitude":
             return uniform_order(bank)
+        if self.config.method == "sensitivity":
+            measured = self._measure_sensitivity()
+            order = removal_order(bank, self.mac_model, measured)
+            return fill_to_budget(
+                bank,
+                order,
+                measured,
+                lambda d: self.budget.fits(self.decision_fraction(d)),
+                self.mac_model,
+                self.budget.t,
+            )
         margin = (bank.logits[:, 1] - bank.logits[:, 0]).detach()
         if self.config.allocation == "uniform":
             return within_groups_order(bank, margin)
         learnable = (~bank.fixed_on).nonzero().flatten()
         return learnable[torch.argsort(margin[learnable], descending=True, stable=True)]
+
+    def _measure_sensitivity(self) -> Sensitivity:
+        """Every process measures the groups' curves on its own first training batches (all of them
+        run the same forward passes, which SyncBatchNorm needs); the averaged curves are everyone's."""
+        if self._train_loader is None or self.graph is None:
+            raise TrainingError("the sensitivity method needs training batches and the model's graph")
+        # the measurement's own pass over the loader must not move the run's random state (the data
+        # order, the augmentation; a resumed run, which measures nothing, must continue as an
+        # uninterrupted one): the loader's generator and the global one are restored after it
+        generator = getattr(self._train_loader, "generator", None)
+        saved = generator.get_state() if generator is not None else None
+        try:
+            with torch.random.fork_rng(devices=[]):
+                batches = list(itertools.islice(self._train_loader, self.config.sensitivity_batches))
+        finally:
+            if generator is not None:
+                generator.set_state(saved)
+        if not batches:
+            raise TrainingError("the sensitivity method needs training batches; the training data gave none")
+        mine = measure_sensitivity(
+            self.model, self.bank, self.graph, batches, distillation_loss, self.device
+        ).to_dict()
+        measured = mean_sensitivity([Sensitivity.from_dict(d) for d in self.runtime.gather(mine)])
+        self.sensitivity = measured.to_dict()
+        return measured
 
     @torch.no_grad()
     def decide(self) -> None:
@@ -577,6 +626,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device, b
                 m.momentum = mom
 
 
+DECIDED_BEFORE_TRAINING = ("magnitude", "sensitivity")  # methods that train no gates
 CALIBRATION_BATCHES = 8  # dynamic gates: training batches that calibrate the decision offset
 DYNAMIC_OFFSET_RANGE = 30.0
 MEASURED_PROBES = 8  # timings at the decision point of a latency budget (a bisection over ~250 gates)

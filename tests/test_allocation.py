@@ -11,7 +11,7 @@ import torch
 
 import prunekit
 from prunekit.allocation import largest_prefix, raise_floors_, uniform_order, within_groups_order
-from prunekit.config import FinetuneConfig, ModelSpec
+from prunekit.config import FinetuneConfig, GateConfig, ModelSpec
 from prunekit.models import load_model
 from prunekit.stages.finetune import prepare_finetune
 
@@ -69,9 +69,10 @@ def test_floors_are_a_share_of_the_uniform_cut_and_never_lower_a_floor(resnet18)
 
 @pytest.mark.parametrize(("target", "floor"), [(0.3, 0.5), (0.5, 0.625), (0.7, 0.71)])
 def test_finetune_raises_the_floors_with_the_budget(resnet18, target: float, floor: float) -> None:  # noqa: ANN001
-    gated = _gated(resnet18)
+    model, spec = resnet18
+    gated = prunekit.gate(copy.deepcopy(model), spec=spec, config=GateConfig(min_keep=0.5))
     session = prepare_finetune(
-        gated.checkpoint, FinetuneConfig(target_macs=target, device="cpu", distill=0), 4
+        gated.checkpoint, FinetuneConfig(target_macs=target, method="gumbel", device="cpu", distill=0), 4
     )
     bank = session.checkpoint.gates
     assert min(_group_fractions(bank, bank.fixed_on)) >= floor  # 0.5 at 0.3: the gate stage's min_keep
@@ -82,11 +83,13 @@ def test_finetune_raises_the_floors_with_the_budget(resnet18, target: float, flo
     assert kept < target
 
 
-def test_no_floors_when_asked_for_none_or_for_the_magnitude_method(resnet18) -> None:  # noqa: ANN001
+def test_no_floors_when_asked_for_none_or_for_the_methods_that_learn_no_gates(resnet18) -> None:  # noqa: ANN001
     for config in (
-        FinetuneConfig(target_macs=0.5, uniform_floor=0, device="cpu", distill=0),
-        FinetuneConfig(target_macs=0.5, uniform_floor=None, device="cpu", distill=0),
+        FinetuneConfig(target_macs=0.5, method="gumbel", uniform_floor=0, device="cpu", distill=0),
+        FinetuneConfig(target_macs=0.5, method="gumbel", uniform_floor=None, device="cpu", distill=0),
         FinetuneConfig(target_macs=0.5, method="magnitude", device="cpu", distill=0),
+        FinetuneConfig(target_macs=0.5, method="sensitivity", device="cpu", distill=0),
+        FinetuneConfig(target_macs=0.5, device="cpu", distill=0),  # auto: sensitivity for static gates
     ):
         gated = _gated(resnet18)
         before = gated.bank.fixed_on.clone()

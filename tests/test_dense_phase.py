@@ -182,7 +182,14 @@ def test_a_frozen_gate_phase_trains_only_the_gates_until_the_decision() -> None:
         LayerScaled(), input_shape=(3, 12, 12), config=GateConfig(granularity=4, min_keep=0.25)
     )
     config = FinetuneConfig(
-        target_macs=0.6, epochs=1, batch_size=6, decide_at=0.5, gate_phase="frozen", device="cpu", workers=0
+        target_macs=0.6,
+        epochs=1,
+        batch_size=6,
+        decide_at=0.5,
+        method="gumbel",
+        gate_phase="frozen",
+        device="cpu",
+        workers=0,
     )
     bank, mac_model = gated.bank, MacModel(gated.graph)
     budget = make_budget(bank, mac_model, gated.original.macs, 0.6)
@@ -242,5 +249,22 @@ def test_a_frozen_gate_phase_needs_the_learned_gates() -> None:
         match="gate_phase 'frozen' needs method gumbel: 'magnitude' trains no gates",
     ):
         FinetuneConfig(target_macs=0.5, method="magnitude", gate_phase="frozen")
-    with pytest.raises(prunekit.errors.ConfigError, match="method must be one of gumbel, magnitude"):
+    with pytest.raises(prunekit.errors.ConfigError, match="needs method gumbel .*give --method gumbel"):
+        FinetuneConfig(
+            target_macs=0.5, gate_phase="frozen"
+        )  # the default, auto, is sensitivity for static gates
+    with pytest.raises(
+        prunekit.errors.ConfigError, match="method must be one of auto, gumbel, magnitude, sensitivity"
+    ):
         FinetuneConfig(target_macs=0.5, method="taylor")
+    with pytest.raises(prunekit.errors.ConfigError, match="sensitivity_batches must be >= 1"):
+        FinetuneConfig(target_macs=0.5, sensitivity_batches=0)
+
+
+def test_auto_is_sensitivity_for_static_gates_and_gumbel_for_dynamic_ones() -> None:
+    config = FinetuneConfig(target_macs=0.5)
+    assert config.method == "auto"
+    assert config.resolve_method(dynamic=False).method == "sensitivity"
+    assert config.resolve_method(dynamic=True).method == "gumbel"
+    given = FinetuneConfig(target_macs=0.5, method="magnitude")
+    assert given.resolve_method(dynamic=False) is given

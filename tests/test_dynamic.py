@@ -112,7 +112,7 @@ def test_a_model_without_residual_blocks_is_refused_with_the_reason() -> None:
 
 def test_dynamic_defaults_and_gate_network_cost() -> None:
     assert GateConfig(dynamic=True).min_keep == 0.25 and GateConfig(dynamic=True).granularity == 16
-    assert GateConfig().min_keep == 0.5 and GateConfig().granularity == 8
+    assert GateConfig().min_keep == 0.05 and GateConfig().granularity == 8
     m = torchvision.models.resnet18(num_classes=10).eval()
     result = gate(m, input_shape=SHAPE, config=GateConfig(dynamic=True))
     d = result.to_dict()
@@ -368,6 +368,7 @@ GATE = "gate vgg11 --num-classes 3 --input-shape 3,32,32 -o {out}"
     ("command", "needle"),
     [
         (FT + " --target-macs 0.5 --method magnitude", "static gates"),
+        (FT + " --target-macs 0.5 --method sensitivity", "static gates"),
         (FT + " --target-latency 0.5", "static gates"),
         ("slim {tuned} -o {out}.onnx --quantize int8 --data {data}", "static gates"),
         ("slim {tuned} -o {out}.pt2 --export pt2", "ships as ONNX"),

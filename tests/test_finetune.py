@@ -87,6 +87,7 @@ def _learn_gates(gated10: Path, lam: float) -> tuple[Trainer, float, list[float]
     projection) and the sampled batch fraction B of every step."""
     steps = 30
     config = FinetuneConfig(
+        method="gumbel",
         target_macs=0.5,
         epochs=1,
         batch_size=8,
@@ -139,6 +140,7 @@ def test_no_activation_loss_keeps_the_gates_open(gated10: Path) -> None:
 
 def test_decide_at_fixes_decisions_within_the_budget(gated10: Path) -> None:
     config = FinetuneConfig(
+        method="gumbel",
         target_macs=0.5,
         epochs=2,
         batch_size=8,
@@ -206,7 +208,7 @@ def _train_twice(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
 def test_train_mode_after_the_decision_does_not_sample(gated10: Path, tmp_path: Path) -> None:
     """Once decided, `model.train()` (a user's, DDP's, BatchNorm recalibration's) keeps the fixed
     decisions: no Gumbel samples, in memory and after a checkpoint round trip."""
-    config = tiny_config(distill=0.0)
+    config = tiny_config(distill=0.0, method="gumbel")
     trainer = _trainer(gated10, config, steps=2)
     model, bank = trainer.model, trainer.bank
     spec = load_checkpoint(gated10).spec
@@ -376,6 +378,8 @@ def test_interrupt_then_resume(
         "0",
         "--device",
         "cpu",
+        "--method",
+        "gumbel",  # the gate optimiser's state is part of what is checked
         "--json",
     ]
     real_epoch = Trainer.train_one_epoch
@@ -440,7 +444,7 @@ def test_interrupt_then_resume(
 
 def test_resumed_run_equals_an_uninterrupted_one(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     gated, data = tiny
-    config = tiny_config(epochs=2, decide_at=1.0, max_steps_per_epoch=2)
+    config = tiny_config(epochs=2, decide_at=1.0, max_steps_per_epoch=2, method="gumbel")
     assert_resume_is_exact(gated, data, config, tmp_path, interrupt_after=1)  # gates and weights
 
 
@@ -517,3 +521,15 @@ def test_cuda_bf16_training_and_decisions(gated10: Path) -> None:
     trainer.model.cpu()
     trainer.mac_model.cpu()
     assert trainer.decision_fraction() == pytest.approx(cuda_fraction)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sensitivity"])
+def test_a_run_resumed_after_the_decision_equals_an_uninterrupted_one(
+    tiny: tuple[Path, Path], tmp_path: Path, method: str
+) -> None:
+    """Decided before the first step, so the resumed run rebuilds the slimmed twin mid-run; building it
+    (module initialisation) and the sensitivity measurement (its own pass over the loader) must not move
+    the random state that draws the augmentation."""
+    gated, data = tiny
+    config = tiny_config(epochs=2, max_steps_per_epoch=2, method=method)
+    assert_resume_is_exact(gated, data, config, tmp_path, interrupt_after=1)

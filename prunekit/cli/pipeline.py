@@ -71,7 +71,7 @@ def gate_command(
         typer.Option(
             min=0.0,
             max=0.95,
-            help="Fraction of each group always kept [default: 0.5; 0.25 with --dynamic].",
+            help="Fraction of each group always kept [default: 0.05; 0.25 with --dynamic].",
             rich_help_panel="Gates",
         ),
     ] = G["min_keep"],
@@ -221,11 +221,21 @@ def finetune_command(
     method: Annotated[
         str,
         typer.Option(
-            help="gumbel (learned gates, the default) or magnitude (the same fraction of every group by "
-            "the gate ranking, decided before the first step: a baseline).",
+            help="sensitivity (each group's width from its measured cost on a few training batches), "
+            "gumbel (learned gates), magnitude (the same fraction of every group by the gate ranking: "
+            "a baseline) or auto (sensitivity for static gates, gumbel for dynamic ones). sensitivity "
+            "and magnitude decide before the first step.",
             rich_help_panel="Objective",
         ),
     ] = FT["method"],
+    sensitivity_batches: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="--method sensitivity: training batches its measurement runs on.",
+            rich_help_panel="Objective",
+        ),
+    ] = FT["sensitivity_batches"],
     uniform_floor: Annotated[
         float | None,
         typer.Option(

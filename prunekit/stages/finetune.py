@@ -195,6 +195,7 @@ def prepare_finetune(
     half-trained weights)."""
     runtime = runtime or resolve_runtime(config.device)
     bank = _bank(gated, "the checkpoint")
+    config = config.resolve_method(bank.kind == "dynamic")
     check_gate_kind(bank, config)
     if config.batch_size < 2 and any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gated.model.modules()
@@ -257,17 +258,18 @@ def prepare_finetune(
 
 
 # FinetuneConfig fields (and the values) that only static gates have a meaning for
-_STATIC_ONLY = {
-    "method": ("magnitude", "--method magnitude"),
-    "allocation": ("uniform", "--allocation uniform"),
-}
+_STATIC_ONLY = (
+    ("method", "magnitude", "--method magnitude"),
+    ("method", "sensitivity", "--method sensitivity"),
+    ("allocation", "uniform", "--allocation uniform"),
+)
 
 
 def check_gate_kind(bank: GateBank, config: FinetuneConfig) -> None:
     """Options that only one kind of gates has: a one-line error before any work starts."""
     if bank.kind != "dynamic":
         return
-    for key, (value, flag) in _STATIC_ONLY.items():
+    for key, value, flag in _STATIC_ONLY:
         if getattr(config, key) == value:
             raise ConfigError(
                 f"{flag} applies to static gates; this checkpoint has dynamic gates (gate --dynamic)"
@@ -428,6 +430,7 @@ def _train(
         "budget": session.budget.to_dict(),
         "latency_budget": session.latency,
         "floors": session.floors or ckpt.extra.get("floors"),  # a resumed run: the first run's
+        "sensitivity": trainer.sensitivity or ckpt.extra.get("sensitivity"),  # the same
     }
     return result
 
@@ -541,6 +544,7 @@ class _EpochSaver:
             "budget": session.budget.to_dict(),
             "latency_budget": session.latency,
             "floors": session.floors or c.extra.get("floors"),  # a resumed run: the first run's
+            "sensitivity": session.trainer.sensitivity or c.extra.get("sensitivity"),  # the same
         }
         return Checkpoint(
             c.spec, c.model, c.graph, "finetuned", history=history, training=training, extra=extra
