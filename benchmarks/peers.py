@@ -3,7 +3,9 @@
 Every method starts from the same pretrained model, data, augmentation and normalisation, and gets the
 same optimiser (SGD, momentum 0.9, Nesterov, weight decay 1e-4), cosine schedule per step, epochs, batch
 and distillation setting (weight, temperature 2, the unpruned model as teacher). prunekit spends its
-epochs as its recipe does (gates and weights jointly, then the weights under fixed decisions); the
+epochs as its recipe does (its default, `--method auto`, measures sensitivity on 4 training batches and
+decides before the first step; `--finetune method=gumbel --gate min_keep=0.5` is the learned gates as
+they were the default before: gates and weights jointly, then the weights under fixed decisions); the
 Torch-Pruning criteria prune once to the target (a search over the pruning ratio, `round_to` = prunekit's
 granularity, the classifier left whole) and then fine-tune with a plain loop. Every result's MACs are
 counted by one counter (prunekit.measure.count_macs, fvcore) on the final model. A seed sets the data
