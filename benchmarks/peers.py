@@ -262,20 +262,23 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     except ImportError:
         return False
     settings = sorted({(r["epochs"], r["distill"]) for r in rows})
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    methods = sorted({r["method"] for r in rows})
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}  # one colour per method
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
     for ax, (epochs, distill) in zip(axes[0], settings, strict=True):
-        for method in sorted({r["method"] for r in rows}):
+        for method in methods:
             pts = sorted(
                 (r["macs_kept"], 100 * r["top1_mean"])
                 for r in rows
                 if r["method"] == method and r["epochs"] == epochs and r["distill"] == distill
             )
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=method, color=colors[method])
         ax.set(title=f"{epochs} epochs, distillation {distill:g}", xlabel="MACs kept", ylabel="top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(methods) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=110)
     return True
 
