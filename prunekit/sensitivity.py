@@ -195,63 +195,27 @@ def measure_sensitivity(
     return Sensitivity(curves, len(xs), sum(len(x) for x in xs), time.perf_counter() - start)
 
 
-@torch.no_grad()
-def removal_order(bank: GateBank, mac_model: MacModel, sensitivity: Sensitivity) -> torch.Tensor:
-    """The learnable gates, the first to keep first: the reverse of a greedy elimination that each
-    time removes, from the end of some group's gates, the one with the least estimated loss per MAC
-    saved (ties: the most MACs)."""
-    device = next(iter(mac_model.buffers()), torch.empty(0)).device
-    groups = torch.tensor(bank.layout.gate_group)
-    fixed = bank.fixed_on.cpu()
-    curves = {c.group: c for c in sensitivity.curves}
-    members = {}
-    on = {}
-    for g in groups.unique().tolist():
-        idx = (groups == g).nonzero().flatten()
-        if not bool(fixed[idx].all()):
-            members[g] = idx
-            on[g] = len(idx)
-    unit_gate = bank.unit_gate.cpu()
-    state = torch.ones(bank.num_gates, dtype=torch.bool)
-    removed: list[int] = []
-    while True:
-        live = [g for g in members if on[g] > 0 and not bool(fixed[members[g][on[g] - 1]])]
-        if not live:
-            break
-        last = [int(members[g][on[g] - 1]) for g in live]
-        rows = state.unsqueeze(0).repeat(len(live) + 1, 1)
-        for r, gate in enumerate(last, start=1):
-            rows[r, gate] = False
-        macs = mac_model(rows[:, unit_gate].float().to(device)).cpu()
-        best, best_key = 0, (math.inf, 0.0)
-        for r, g in enumerate(live):
-            saved = float(macs[0] - macs[r + 1])
-            curve = curves.get(g)
-            cost = 0.0 if curve is None else curve.at(on[g] - 1) - curve.at(on[g])
-            key = (cost / saved if saved > 0 else math.inf, -saved)
-            if key < best_key:
-                best, best_key = r, key
-        gate = last[best]
-        state[gate] = False
-        on[live[best]] -= 1
-        removed.append(gate)
-    return torch.tensor(removed[::-1], dtype=torch.long, device=bank.logits.device)
-
-
 class _Counts:
-    """An allocation as the number of learnable gates each group keeps (its most important ones)."""
+    """Allocations as the number of learnable gates each group keeps (its most important ones), with
+    the estimated loss of the curves and the MACs counted by the objective's `mac_model`."""
 
-    def __init__(self, bank: GateBank, sensitivity: Sensitivity) -> None:
+    def __init__(self, bank: GateBank, sensitivity: Sensitivity, mac_model: MacModel) -> None:
         groups = torch.tensor(bank.layout.gate_group)
-        fixed = bank.fixed_on.cpu()
-        self.fixed = fixed
+        self.fixed = bank.fixed_on.cpu()
         self.members = {}  # group -> its learnable gates, most important first (make_layout's rank)
+        self.n_fixed = {}
         for g in groups.unique().tolist():
             idx = (groups == g).nonzero().flatten()
-            if not bool(fixed[idx].all()):
-                self.members[g] = idx[~fixed[idx]]
+            if not bool(self.fixed[idx].all()):
+                self.members[g] = idx[~self.fixed[idx]]
+                self.n_fixed[g] = int(self.fixed[idx].sum())
         self.curves = {c.group: c for c in sensitivity.curves}
-        self.n_fixed = {g: int(fixed[groups == g].sum()) for g in self.members}
+        self.mac_model = mac_model
+        self.device = next(iter(mac_model.buffers()), torch.empty(0)).device
+        self.unit_gate = bank.unit_gate.cpu()
+
+    def full(self) -> dict[int, int]:
+        return {g: len(idx) for g, idx in self.members.items()}
 
     def states(self, on: dict[int, int]) -> torch.Tensor:
         d = self.fixed.clone()
@@ -259,12 +223,47 @@ class _Counts:
             d[idx[: on[g]]] = True
         return d
 
+    def macs(self, allocations: list[dict[int, int]]) -> list[float]:
+        rows = torch.stack([self.states(a) for a in allocations])
+        return self.mac_model(rows[:, self.unit_gate].float().to(self.device)).cpu().tolist()
+
     def loss(self, g: int, learnable_on: int) -> float:
         curve = self.curves.get(g)
         return 0.0 if curve is None else curve.at(self.n_fixed[g] + learnable_on)
 
     def total_loss(self, on: dict[int, int]) -> float:
         return sum(self.loss(g, k) for g, k in on.items())
+
+    def cheapest_removal(self, on: dict[int, int], keep: int | None = None) -> int | None:
+        """The group whose next gate out costs the least estimated loss per MAC saved (ties: the most
+        MACs, then the lowest group), never `keep`; None when no group has a learnable gate left."""
+        live = [g for g in self.members if g != keep and on[g] > 0]
+        if not live:
+            return None
+        trials = [dict(on) for _ in live]
+        for g, t in zip(live, trials, strict=True):
+            t[g] -= 1
+        base, *after = self.macs([on, *trials])
+        keys = []
+        for g, m in zip(live, after, strict=True):
+            saved = base - m
+            cost = self.loss(g, on[g] - 1) - self.loss(g, on[g])
+            keys.append((cost / saved if saved > 0 else math.inf, -saved, g))
+        return min(keys)[2]
+
+
+@torch.no_grad()
+def removal_order(bank: GateBank, mac_model: MacModel, sensitivity: Sensitivity) -> torch.Tensor:
+    """The learnable gates, the first to keep first: the reverse of a greedy elimination that each
+    time removes, from the end of some group's gates, the one with the least estimated loss per MAC
+    saved (`_Counts.cheapest_removal`)."""
+    counts = _Counts(bank, sensitivity, mac_model)
+    on = counts.full()
+    removed: list[int] = []
+    while (g := counts.cheapest_removal(on)) is not None:
+        on[g] -= 1
+        removed.append(int(counts.members[g][on[g]]))
+    return torch.tensor(removed[::-1], dtype=torch.long, device=bank.logits.device)
 
 
 @torch.no_grad()
@@ -288,16 +287,9 @@ def fill_to_budget(
     stretch of a curve (noise, clamped to be monotone) would otherwise trade half the budget for
     nothing. The result lists the chosen gates first: no gate more fits, so the decision point's
     bisection over prefixes finds exactly them."""
-    counts = _Counts(bank, sensitivity)
-    k = fitting_prefix(bank, order, fits)
-    chosen = prefix_decisions(bank, order, k)
+    counts = _Counts(bank, sensitivity, mac_model)
+    chosen = prefix_decisions(bank, order, fitting_prefix(bank, order, fits))
     on = {g: int(chosen[idx].sum()) for g, idx in counts.members.items()}
-    device = next(iter(mac_model.buffers()), torch.empty(0)).device
-    unit_gate = bank.unit_gate.cpu()
-
-    def macs(allocations: list[dict[int, int]]) -> list[float]:
-        rows = torch.stack([counts.states(a) for a in allocations])
-        return mac_model(rows[:, unit_gate].float().to(device)).cpu().tolist()
 
     def refill(a: dict[int, int]) -> dict[int, int]:
         a = dict(a)
@@ -317,25 +309,14 @@ def fill_to_budget(
         """Remove the cheapest gate per MAC saved (never from group `keep`) until `a` fits."""
         a = dict(a)
         while not fits(counts.states(a)):
-            live = [g for g in counts.members if g != keep and a[g] > 0]
-            if not live:
+            g = counts.cheapest_removal(a, keep)
+            if g is None:
                 return None
-            trials = []
-            for g in live:
-                t = dict(a)
-                t[g] -= 1
-                trials.append(t)
-            base, after = macs([a])[0], macs(trials)
-            ratios = []
-            for g, t, m in zip(live, trials, after, strict=True):
-                saved = base - m
-                cost = counts.loss(g, t[g]) - counts.loss(g, a[g])
-                ratios.append((cost / saved if saved > 0 else math.inf, -saved, g))
-            a[min(ratios)[2]] -= 1
+            a[g] -= 1
         return a
 
     def key(a: dict[int, int]) -> tuple[bool, float]:
-        used = macs([a])[0] / mac_model.gateable_macs
+        used = counts.macs([a])[0] / mac_model.gateable_macs
         return (used < (1 - UNUSED_BUDGET) * target, counts.total_loss(a))
 
     on = refill(on)
