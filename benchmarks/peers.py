@@ -19,7 +19,11 @@ order and augmentation as well as the initial noise, so at one seed every method
         --distill 0 --max-steps-per-epoch 2 --out /tmp/peers.json --plot /tmp/peers.png --doc /tmp/peers.md
 
 The full grid (3 targets x 2 budgets x 2 seeds x 2 distillation settings x 5 methods = 120 runs) takes
-about 8-10 hours on 2 CPU cores; results are written after every run, so it can be read as it goes.
+about 8-10 hours on 2 CPU cores (alone on them, one run takes about 80-140 s at 2 epochs and 200-330 s at
+5); results are written after every run, so it can be read as it goes. A grid run in pieces is combined
+with `--merge A.json B.json ...`, which writes the result file, the plot and the table with each prunekit
+recipe against the best Torch-Pruning criterion of its cell; a run listed later that repeats an earlier
+one (same method, variant, cell and seed) supersedes it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -248,6 +253,7 @@ def summarise(runs: list[dict[str, Any]], total_macs: int) -> list[dict[str, Any
                 "top1_mean": statistics.mean(accs),
                 "top1_spread": max(accs) - min(accs),
                 "macs_kept": statistics.mean(r["macs"] for r in rs) / total_macs,
+                "seconds_mean": statistics.mean(r["seconds"] for r in rs),
             }
         )
     return rows
@@ -261,11 +267,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    settings = sorted({(r["epochs"], r["distill"]) for r in rows})
+    epochs_seen = sorted({r["epochs"] for r in rows})
+    distills_seen = sorted({r["distill"] for r in rows})
     methods = sorted({r["method"] for r in rows})
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}  # one colour per method
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    for ax, (epochs, distill) in zip(axes[0], settings, strict=True):
+    # one panel per budget (columns) and distillation setting (rows)
+    fig, axes = plt.subplots(
+        len(distills_seen),
+        len(epochs_seen),
+        figsize=(6 * len(epochs_seen), 4 * len(distills_seen)),
+        squeeze=False,
+    )
+    for (i, distill), (j, epochs) in itertools.product(enumerate(distills_seen), enumerate(epochs_seen)):
+        ax = axes[i][j]
         for method in methods:
             pts = sorted(
                 (r["macs_kept"], 100 * r["top1_mean"])
@@ -278,7 +292,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in methods]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * ((len(methods) + 1) // 2), 1, 1))
+    legend_rows = (len(methods) + 1) // 2
+    fig.tight_layout(rect=(0, 0.05 * legend_rows / len(distills_seen), 1, 1))
     fig.savefig(path, dpi=110)
     return True
 
@@ -335,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(runs[-1]), flush=True)
             rows = summarise(runs, total_macs)
             doc = {
-                "command": command,
+                "commands": [command],
                 "baseline_top1": baseline,
                 "total_macs": total_macs,
                 "torch": torch.__version__,
@@ -349,19 +364,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_key(run: dict[str, Any]) -> tuple:
+    """What makes two runs the same measurement: the method and variant, the cell and the seed."""
+    return (label(run), run["target"], run["epochs"], run["distill"], run["seed"])
+
+
+def commands_of(doc: dict[str, Any]) -> list[str]:
+    """The commands a result file came from (files merged before this rule joined them with ' ; ')."""
+    return doc.get("commands") or doc["command"].split(" ; ")
+
+
 def merge(paths: list[Path], out: Path, plot_path: Path, doc_path: Path) -> int:
-    """One result file from several runs of this script on the same fixture; their commands are kept."""
+    """One result file from several runs of this script on the same fixture; their commands are kept.
+
+    A run that repeats an earlier one (same method, variant, cell and seed) replaces it: files are read in
+    the order given, so a rerun listed later supersedes the result it repeats (kept under "superseded").
+    """
     docs = [json.loads(p.read_text()) for p in paths]
     if len({(d["baseline_top1"], d["total_macs"]) for d in docs}) != 1:
         raise SystemExit("these result files are not of the same fixture (baseline or MACs differ)")
-    runs = [r for d in docs for r in d["runs"]]
+    latest: dict[tuple, dict[str, Any]] = {}
+    superseded = [r for d in docs for r in d.get("superseded", [])]
+    for run in (r for d in docs for r in d["runs"]):
+        if run_key(run) in latest:
+            superseded.append(latest.pop(run_key(run)))
+        latest[run_key(run)] = run
+    runs = list(latest.values())
+    commands = list(dict.fromkeys(c for d in docs for c in commands_of(d)))
     doc = {
-        "command": " ; ".join(d["command"] for d in docs),
+        "commands": commands,
         "baseline_top1": docs[0]["baseline_top1"],
         "total_macs": docs[0]["total_macs"],
         "torch": docs[0]["torch"],
         "summary": summarise(runs, docs[0]["total_macs"]),
         "runs": runs,
+        "superseded": superseded,
     }
     out.write_text(json.dumps(doc, indent=1) + "\n")
     plotted = plot(doc["summary"], plot_path)
@@ -370,26 +407,77 @@ def merge(paths: list[Path], out: Path, plot_path: Path, doc_path: Path) -> int:
     return 0
 
 
+def against_peers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cell and prunekit recipe: its mean against the best Torch-Pruning criterion's mean there."""
+    out = []
+    for r in rows:
+        if not r["method"].startswith("prunekit"):
+            continue
+        cell = (r["target"], r["epochs"], r["distill"])
+        peers = [
+            p
+            for p in rows
+            if p["method"].startswith("tp-") and (p["target"], p["epochs"], p["distill"]) == cell
+        ]
+        if not peers:
+            continue
+        best = max(peers, key=lambda p: p["top1_mean"])
+        out.append({"prunekit": r, "best_peer": best, "margin": r["top1_mean"] - best["top1_mean"]})
+    return sorted(
+        out, key=lambda c: (c["prunekit"]["distill"], c["prunekit"]["epochs"], c["prunekit"]["target"])
+    )
+
+
 def render(doc: dict[str, Any], plot_path: Path | None) -> str:
+    commands = commands_of(doc)
     lines = [
         "# Benchmarks: prunekit against Torch-Pruning at equal MACs and equal fine-tuning",
         "",
-        f"Command: `{doc['command']}` (torch {doc['torch']}). Unpruned top-1: "
-        f"{100 * doc['baseline_top1']:.2f}%, {doc['total_macs'] / 1e6:.2f} M MACs. Means over seeds; "
-        "spread = max - min.",
+        f"torch {doc['torch']}. Unpruned top-1: {100 * doc['baseline_top1']:.2f}%, "
+        f"{doc['total_macs'] / 1e6:.2f} M MACs. Means over seeds; spread = max - min; s/run = mean wall "
+        "seconds of one run (pruning, fine-tuning and evaluation) on the machine that ran it.",
         "",
     ]
     if plot_path is not None:
         lines += [f"![top-1 against MACs kept]({plot_path.name})", ""]
+    comparison = against_peers(doc["summary"])
+    if comparison:
+        lines += [
+            "Each prunekit recipe against the best Torch-Pruning criterion measured in the same cell (means "
+            "over seeds; the number of seeds in brackets):",
+            "",
+            "| target | epochs | distill | prunekit recipe | top-1 | MACs kept | best Torch-Pruning | top-1 "
+            "| MACs kept | margin |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comparison:
+            r, p = c["prunekit"], c["best_peer"]
+            lines.append(
+                f"| {r['target']:g} | {r['epochs']} | {r['distill']:g} | {r['method']} | "
+                f"{100 * r['top1_mean']:.2f}% ({r['seeds']}) | {r['macs_kept']:.3f} | {p['method']} | "
+                f"{100 * p['top1_mean']:.2f}% ({p['seeds']}) | {p['macs_kept']:.3f} | "
+                f"{100 * c['margin']:+.2f} |"
+            )
+        lines.append("")
     lines += [
-        "| method | target | epochs | distill | seeds | MACs kept | top-1 mean | spread |",
-        "|---|---|---|---|---|---|---|---|",
+        "Every result:",
+        "",
+        "| method | target | epochs | distill | seeds | MACs kept | top-1 mean | spread | s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["summary"]:
+        seconds = f"{r['seconds_mean']:.0f}" if "seconds_mean" in r else "-"
         lines.append(
             f"| {r['method']} | {r['target']:g} | {r['epochs']} | {r['distill']:g} | {r['seeds']} | "
-            f"{r['macs_kept']:.3f} | {100 * r['top1_mean']:.2f}% | {100 * r['top1_spread']:.2f} |"
+            f"{r['macs_kept']:.3f} | {100 * r['top1_mean']:.2f}% | {100 * r['top1_spread']:.2f} | {seconds} |"
         )
+    lines += ["", "The commands these results came from, in the order they were merged:", ""]
+    lines += [f"- `{c}`" for c in commands]
+    if doc.get("superseded"):
+        lines += [
+            "",
+            f"{len(doc['superseded'])} earlier run(s) were superseded by a rerun of the same cell and seed.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -163,9 +163,40 @@ def test_peers_merge_combines_pieces_of_a_grid_and_keeps_variants_apart(tmp_path
     assert set(rows) == {"prunekit", "prunekit [method=x]", "tp-l1-uniform"}
     assert rows["prunekit"]["seeds"] == 2 and abs(rows["prunekit"]["top1_mean"] - 0.81) < 1e-9
     assert abs(rows["prunekit"]["top1_spread"] - 0.02) < 1e-9
-    assert merged["command"] == "A ; B" and len(merged["runs"]) == 4
-    assert "| prunekit | 0.5 | 2 | 0.7 | 2 | 0.490 | 81.00% | 2.00 |" in doc.read_text()
+    assert merged["commands"] == ["A", "B"] and len(merged["runs"]) == 4
+    text = doc.read_text()
+    assert "| prunekit | 0.5 | 2 | 0.7 | 2 | 0.490 | 81.00% | 2.00 | 1 |" in text
+    assert "- `A`" in text and "- `B`" in text
+    # each prunekit recipe against the best peer in its cell: 81.00 (2 seeds) against 79.00 (1 seed)
+    assert (
+        "| 0.5 | 2 | 0.7 | prunekit | 81.00% (2) | 0.490 | tp-l1-uniform | 79.00% (1) | 0.490 | +2.00 |"
+        in text
+    )
+    assert "| prunekit [method=x] | 70.00% (1) | 0.490 | tp-l1-uniform | 79.00% (1) | 0.490 | -9.00 |" in text
     other = _result("C", [_run("prunekit", 0.5, 0)]) | {"total_macs": 7}
     b.write_text(json.dumps(other))
     proc = _script("peers.py", args)
     assert proc.returncode != 0 and "not of the same fixture" in proc.stderr
+
+
+def test_peers_merge_lets_a_rerun_supersede_the_run_it_repeats(tmp_path: Path) -> None:
+    """A later file's run of the same method, variant, cell and seed replaces the earlier one (kept aside),
+    so a grid can be repaired by rerunning a piece; a merged file merges again with the same result."""
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_result("A ; B", [_run("tp-taylor", 0.70, 1), _run("tp-taylor", 0.74, 0)])))
+    new.write_text(json.dumps(_result("C", [_run("tp-taylor", 0.76, 1), _run("tp-taylor", 0.5, 1, "v")])))
+    out = tmp_path / "m.json"
+    args = ["--out", str(out), "--plot", str(tmp_path / "m.png"), "--doc", str(tmp_path / "m.md")]
+    proc = _script("peers.py", ["--merge", str(old), str(new), *args])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads(out.read_text())
+    assert sorted(r["top1"] for r in merged["runs"]) == [0.5, 0.74, 0.76]
+    assert [r["top1"] for r in merged["superseded"]] == [0.70]
+    row = next(r for r in merged["summary"] if r["method"] == "tp-taylor")
+    assert row["seeds"] == 2 and abs(row["top1_mean"] - 0.75) < 1e-9
+    assert merged["commands"] == ["A", "B", "C"]
+    again = tmp_path / "again.json"
+    proc = _script("peers.py", ["--merge", str(out), "--out", str(again), *args[2:]])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    remerged = json.loads(again.read_text())
+    assert remerged["runs"] == merged["runs"] and remerged["superseded"] == merged["superseded"]
