@@ -19,11 +19,11 @@ order and augmentation as well as the initial noise, so at one seed every method
         --distill 0 --max-steps-per-epoch 2 --out /tmp/peers.json --plot /tmp/peers.png --doc /tmp/peers.md
 
 The full grid (3 targets x 2 budgets x 2 seeds x 2 distillation settings x 5 methods = 120 runs) takes
-about 8-10 hours on 2 CPU cores (alone on them, one run takes about 80-140 s at 2 epochs and 200-330 s at
-5); results are written after every run, so it can be read as it goes. A grid run in pieces is combined
-with `--merge A.json B.json ...`, which writes the result file, the plot and the table with each prunekit
-recipe against the best Torch-Pruning criterion of its cell; a run listed later that repeats an earlier
-one (same method, variant, cell and seed) supersedes it.
+about 8-10 hours on 2 CPU cores (one run took 65-200 s at 2 epochs and 180-400 s at 5 epochs here,
+as measured in docs/benchmarks.md); results are written after every run, so it can be read as it goes. A
+grid run in pieces is combined with `--merge A.json B.json ...`, which writes the result file, the plot
+and the table with each prunekit recipe against the best Torch-Pruning criterion of its cell; a run
+listed later that repeats an earlier one (same method, variant, cell and seed) supersedes it.
 """
 
 from __future__ import annotations
