@@ -125,6 +125,14 @@ def silence_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+def _main_thread_only(hook: Any) -> Any:
+    def report(*exc_info: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            hook(*exc_info)
+
+    return report
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While a command runs, SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, so it
@@ -144,6 +152,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, ignore)
         with contextlib.suppress(ValueError, OSError):
             signal.signal(signal.SIGCHLD, ignore)
+        # The same SIGTERM ends the DataLoader workers, and multiprocessing's resource_sharer thread then
+        # reports the broken connection through sys.excepthook: a thread's traceback under the one-line
+        # error (seen in CI). The process is exiting; only the main thread's errors are still reported.
+        sys.excepthook = _main_thread_only(sys.excepthook)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
